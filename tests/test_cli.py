@@ -1,0 +1,83 @@
+"""The `zigzag-viz` command line: JSON contracts and clear one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from zigzag_viz.prompts import passkey_prompt
+
+
+def run_cli(*args, stdin=None):
+    env = dict(os.environ, ZIGZAG_VIZ_DEVICE="cpu")
+    return subprocess.run(
+        [sys.executable, "-m", "zigzag_viz.cli", *args], input=stdin, capture_output=True, text=True, env=env,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "prompt.txt"
+    prompt = passkey_prompt(n_sentences=30, depth=0.5, seed=4)
+    path.write_text(prompt.text)
+    return path, prompt.answer
+
+
+def test_analyze_json_contract(prompt_file):
+    path, _ = prompt_file
+    out = run_cli("analyze", "--model", "tiny", "--prompt-file", str(path), "--window", "16", "--tau", "0.9", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["model"] == "tiny" and data["n_tokens"] > 500
+    assert [layer["layer"] for layer in data["layers"]] == [0, 1, 2, 3]
+    for layer in data["layers"]:
+        assert set(layer) == {"layer", "entropy", "lmba", "hidden_change"}
+        assert 0 < layer["lmba"] <= 1 and layer["entropy"] > 0
+    assert set(data["budgets"]) == {"zigzag", "pyramid", "uniform"}
+    for budgets in data["budgets"].values():
+        assert len(budgets) == 4 and sum(budgets) == round(4 * 0.2 * data["n_tokens"])
+
+
+@pytest.mark.slow
+def test_compare_json_contract_on_smollm2_from_stdin(prompt_file):
+    path, answer = prompt_file
+    out = run_cli(
+        "compare", "--model", "smollm2", "--prompt-file", "-", "--methods", "full,zigzag,pyramid,uniform",
+        "--budget", "0.2", "--max-new-tokens", "12", "--json", stdin=path.read_text(),
+    )
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert [r["method"] for r in rows] == ["full", "zigzag", "pyramid", "uniform"]
+    for row in rows:
+        assert {"method", "text", "kv_bytes", "kv_fraction", "token_agreement", "first_divergence"} <= set(row)
+    assert rows[0]["kv_fraction"] == 1.0 and rows[0]["token_agreement"] == 1.0 and rows[0]["first_divergence"] is None
+    assert answer in rows[0]["text"]
+    for row in rows[1:]:
+        assert row["kv_fraction"] == pytest.approx(0.2, abs=0.01)
+        assert row["kv_bytes"] == round(row["kv_fraction"] * rows[0]["kv_bytes"])
+
+
+@pytest.mark.parametrize(
+    "args, stdin, message",
+    [
+        (["--prompt-file", "-"], "   \n", "is empty"),
+        (["--prompt-file", "/nonexistent/p.txt"], None, "cannot read prompt file"),
+        (["--prompt-file", sys.executable], None, "not text"),
+        (["--prompt-file", "-", "--budget", "0"], "hi", "budget must be a number in (0, 1]"),
+        (["--prompt-file", "-", "--budget", "1.5"], "hi", "budget must be a number in (0, 1]"),
+        (["--prompt-file", "-", "--budget", "half"], "hi", "budget must be a number in (0, 1]"),
+        (["--prompt-file", "-", "--methods", "full,bogus"], "hi", "unknown method 'bogus'"),
+        (["--prompt-file", "-", "--model", "no-such-model"], "hi", "unknown model 'no-such-model'"),
+        (["--prompt-file", "-", "--model", "tiny", "--budget", "0.01"], "hello " * 200, "below the always-kept window"),
+        (["--prompt-file", "-", "--model", "tiny"], "word " * 5000, "accepts at most 4096"),
+    ],
+)
+def test_bad_input_exits_non_zero_with_one_line(args, stdin, message):
+    out = run_cli("compare", *args, stdin=stdin)
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert message in lines[0] and "Traceback" not in out.stderr

@@ -1,0 +1,81 @@
+"""Real eviction: layers hold exactly their budgets, bytes come from the held tensors, budget 1.0 is the identity."""
+
+import gc
+import weakref
+
+import numpy as np
+import pytest
+import torch
+
+from zigzag_viz import cache as kvcache
+from zigzag_viz import runtime
+from zigzag_viz.compare import compare
+from zigzag_viz.methods import CompressionContext, parse_spec
+from zigzag_viz.prompts import passkey_prompt
+from zigzag_viz.selection import keep_top
+
+
+def test_keep_top_keeps_the_window_and_the_best_in_order():
+    scores = torch.tensor([[5.0, 0.0, 9.0, 1.0, 0.0, 0.0], [0.0, 7.0, 0.0, 8.0, 0.0, 0.0]])
+    keep = keep_top(scores, budget=4, window=2)
+    assert keep.tolist() == [[0, 2, 4, 5], [1, 3, 4, 5]]
+    assert keep_top(scores, budget=9, window=2).tolist() == [list(range(6))] * 2
+
+
+@pytest.mark.parametrize("spec", ["uniform", "pyramid", "zigzag", "zigzag[signal=hidden,select=knorm]", "uniform[select=hybrid]"])
+def test_layers_hold_their_budgets_and_bytes_match_the_tensors(tiny, random_ids, spec):
+    pre = runtime.prefill(tiny, random_ids, window=16)
+    cache = kvcache.clone(pre.cache)
+    report = parse_spec(spec).compress(cache, CompressionContext(pre.analysis, 0.25))
+    budgets = report.layer_budgets
+    assert budgets.sum() == round(4 * 0.25 * 300)
+    assert kvcache.layer_lengths(cache) == budgets.tolist()
+    head_dim = tiny.config.hidden_size // tiny.num_query_heads
+    for layer, budget in enumerate(budgets):
+        assert cache.layers[layer].keys.shape == (1, 2, budget, head_dim)
+        assert cache.layers[layer].values.shape == (1, 2, budget, head_dim)
+    expected = sum(2 * 2 * int(b) * head_dim * 4 for b in budgets)  # K and V, 2 KV heads, float32
+    assert kvcache.kv_bytes(cache) == expected
+    assert kvcache.kv_bytes(cache) / kvcache.kv_bytes(pre.cache) == pytest.approx(0.25, abs=0.01)
+
+
+def test_eviction_keeps_the_right_rows_and_releases_the_old_tensor(tiny, random_ids):
+    pre = runtime.prefill(tiny, random_ids, window=16)
+    cache = kvcache.clone(pre.cache)
+    original = cache.layers[1].keys
+    before = original.clone()
+    released = weakref.ref(original)
+    keep = torch.tensor([[0, 5, 299], [3, 4, 299]])
+    kvcache.evict(cache, 1, keep)
+    del original
+    gc.collect()
+    assert released() is None
+    kept = cache.layers[1].keys
+    assert torch.equal(kept[0, 0], before[0, 0, [0, 5, 299]])
+    assert torch.equal(kept[0, 1], before[0, 1, [3, 4, 299]])
+
+
+@pytest.mark.parametrize("spec", ["uniform", "pyramid", "zigzag"])
+def test_budget_one_gives_the_same_tokens_and_logits_as_full(tiny, spec):
+    ids = tiny.encode(passkey_prompt(n_sentences=10, seed=2).text)
+    pre = runtime.prefill(tiny, ids, window=16)
+    n = ids.shape[1]
+    full_tokens, full_logits = runtime.greedy_decode(tiny, kvcache.clone(pre.cache), pre.next_logits, n, 12)
+    cache = kvcache.clone(pre.cache)
+    parse_spec(spec).compress(cache, CompressionContext(pre.analysis, 1.0))
+    assert kvcache.layer_lengths(cache) == [n] * 4
+    tokens, logits = runtime.greedy_decode(tiny, cache, pre.next_logits, n, 12)
+    assert tokens == full_tokens
+    assert max((a - b).abs().max().item() for a, b in zip(full_logits, logits)) == 0.0
+
+
+def test_compare_reports_every_method_against_full(tiny):
+    prompt = passkey_prompt(n_sentences=12, seed=5)
+    result = compare(tiny, prompt.text, "full,zigzag,pyramid,uniform", budget=0.3, max_new_tokens=8, window=16)
+    rows = {r.method: r for r in result.results}
+    assert rows["full"].kv_fraction == 1.0 and rows["full"].first_divergence is None
+    for name in ("zigzag", "pyramid", "uniform"):
+        assert rows[name].kv_fraction == pytest.approx(0.3, abs=0.01)
+        assert 0.0 <= rows[name].token_agreement <= 1.0
+        assert sum(rows[name].layer_budgets) == round(4 * 0.3 * result.n_tokens)
+    assert np.isclose(result.table()["kv_fraction"].iloc[0], 1.0)

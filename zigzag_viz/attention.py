@@ -1,0 +1,96 @@
+"""Per-layer attention that works on caches whose layers hold different numbers of tokens.
+
+Registered as the attention implementation "zigzag_viz" in both transformers interfaces. Numerically it is
+transformers' SDPA path; what it adds:
+- a bottom-right causal mask built from *this* layer's key length, so several new tokens can be fed
+  through a compressed cache (the model-level mask is sized from layer 0 and is wrong elsewhere);
+- an optional observer that sees each layer's RoPE'd queries and keys during a fresh prefill
+  (used by `capture` to measure window attention without materialising n × n scores).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Protocol
+
+import torch
+
+IMPLEMENTATION = "zigzag_viz"
+
+
+class AttentionObserver(Protocol):
+    def on_attention(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        """query (batch, H_q, q_len, d) and key (batch, H_kv, k_len, d), RoPE applied, KV heads not repeated."""
+
+
+_observer: contextvars.ContextVar[AttentionObserver | None] = contextvars.ContextVar("zigzag_observer", default=None)
+
+
+@contextlib.contextmanager
+def observing(observer: AttentionObserver):
+    """Within this block, every layer's prefill attention is shown to `observer`."""
+    token = _observer.set(observer)
+    try:
+        yield observer
+    finally:
+        _observer.reset(token)
+
+
+def bottom_right_causal_mask(q_len: int, k_len: int, device, sliding_window: int | None = None) -> torch.Tensor:
+    """Boolean (1, 1, q_len, k_len) mask: new query i sees key j iff j ≤ k_len − q_len + i (and within the window)."""
+    query_pos = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+    key_pos = torch.arange(k_len, device=device)[None, :]
+    visible = key_pos <= query_pos
+    if sliding_window is not None:
+        visible &= (query_pos - key_pos) < sliding_window
+    return visible.view(1, 1, q_len, k_len)
+
+
+def zigzag_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Drop-in attention function: (batch, q_len, H_q, d) output, no weights."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q_len, k_len = query.shape[2], key.shape[2]
+    observer = _observer.get()
+    if observer is not None and q_len == k_len:
+        observer.on_attention(module, query, key, scaling if scaling is not None else query.shape[-1] ** -0.5)
+    if q_len == k_len or q_len == 1:
+        # A fresh prefill (the model's own mask is right) or a single new token (it may see every cached entry).
+        mask = attention_mask if q_len == k_len else None
+    else:
+        mask = bottom_right_causal_mask(q_len, k_len, query.device)
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+_registered = False
+
+
+def register() -> None:
+    """Make "zigzag_viz" known to transformers' attention and mask interfaces (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(IMPLEMENTATION, zigzag_attention_forward)
+    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+    _registered = True
+
+
+def install(model: torch.nn.Module) -> None:
+    """Switch `model` to the "zigzag_viz" attention implementation."""
+    register()
+    model.set_attn_implementation(IMPLEMENTATION)
+
+
+@contextlib.contextmanager
+def implementation(model: torch.nn.Module, name: str):
+    """Temporarily run `model` with another attention implementation (e.g. "sdpa" or "eager" as a reference)."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)

@@ -1,0 +1,139 @@
+"""Stage 3, allocate per-layer budgets (METHOD §3). Pure functions of numbers: no model, no torch.
+
+Every rule returns integer tokens per layer, shape (L,), with Σ B_l = round(L·B_avg) and each
+B_l in [min(w, n), n].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import BudgetError
+
+DEFAULT_RHO = 0.2
+DEFAULT_BETA = 20.0
+
+
+def bounds(n_tokens: int, window: int) -> tuple[int, int]:
+    """(lowest, highest) tokens a layer may keep: the window (clipped to n) and the whole prompt."""
+    return min(window, n_tokens), n_tokens
+
+
+def average_budget(fraction: float, n_tokens: int) -> float:
+    """Average tokens per layer for a kept fraction 0 < fraction ≤ 1 of an n-token prompt."""
+    if not isinstance(fraction, (int, float)) or not 0.0 < float(fraction) <= 1.0:
+        raise BudgetError(f"budget must be a fraction in (0, 1], got {fraction!r}")
+    return float(fraction) * n_tokens
+
+
+def check_feasible(num_layers: int, avg_budget: float, n_tokens: int, window: int) -> int:
+    low, high = bounds(n_tokens, window)
+    total = int(round(num_layers * avg_budget))
+    if total < num_layers * low:
+        raise BudgetError(
+            f"a budget of {avg_budget:.1f} tokens per layer is below the always-kept window of {low} tokens "
+            f"(prompt of {n_tokens} tokens): raise the budget to at least {low / n_tokens:.2f} or shrink the window"
+        )
+    if total > num_layers * high:
+        raise BudgetError(f"a budget of {avg_budget:.1f} tokens per layer exceeds the prompt's {n_tokens} tokens")
+    return total
+
+
+def fit_to_bounds(raw: np.ndarray, weights: np.ndarray, low: int, high: int, total: int) -> np.ndarray:
+    """Clip `raw` to [low, high], hand the excess or deficit to the unclipped layers in proportion to
+    `weights` until nothing moves, then round by largest remainder so the integers sum to `total`.
+
+    Solved as water-filling: B_l = clip(raw_l + θ·weight_l, low, high) with θ found by bisection.
+    """
+    raw = np.asarray(raw, dtype=np.float64)
+    weights = np.clip(np.asarray(weights, dtype=np.float64), 0.0, None)
+    if weights.sum() <= 0:
+        weights = np.ones_like(raw)
+    weights = weights / weights.sum() + 1e-12  # every layer may move, however small its weight
+
+    def filled(theta: float) -> np.ndarray:
+        return np.clip(raw + theta * weights, low, high)
+
+    span = (abs(total) + np.abs(raw).sum() + high * len(raw)) / weights.min()
+    lo_theta, hi_theta = -span, span
+    for _ in range(200):
+        mid = 0.5 * (lo_theta + hi_theta)
+        if filled(mid).sum() < total:
+            lo_theta = mid
+        else:
+            hi_theta = mid
+    return largest_remainder(filled(hi_theta), total, low, high)
+
+
+def largest_remainder(values: np.ndarray, total: int, low: int, high: int) -> np.ndarray:
+    """Integers within [low, high] near `values` that sum to `total` (largest fractional parts round up)."""
+    floors = np.clip(np.floor(values + 1e-9), low, high).astype(np.int64)
+    remainder = int(total - floors.sum())
+    fractions = values - floors
+    if remainder > 0:
+        order = [i for i in np.argsort(-fractions, kind="stable") if floors[i] < high]
+        for i in order[:remainder]:
+            floors[i] += 1
+    elif remainder < 0:
+        order = [i for i in np.argsort(fractions, kind="stable") if floors[i] > low]
+        for i in order[:-remainder]:
+            floors[i] -= 1
+    return floors
+
+
+def uniform_budgets(num_layers: int, avg_budget: float, n_tokens: int, window: int) -> np.ndarray:
+    """B_l = B_avg in every layer (SnapKV, StreamingLLM, L2-norm)."""
+    total = check_feasible(num_layers, avg_budget, n_tokens, window)
+    low, high = bounds(n_tokens, window)
+    return fit_to_bounds(np.full(num_layers, avg_budget), np.ones(num_layers), low, high, total)
+
+
+def pyramid_budgets(
+    num_layers: int, avg_budget: float, n_tokens: int, window: int, beta: float = DEFAULT_BETA
+) -> np.ndarray:
+    """PyramidKV: linear from B_max at layer 0 down to B_min = B_avg/β at the last layer, B_max = 2·B_avg − B_min."""
+    if beta < 1:
+        raise BudgetError(f"pyramid beta must be ≥ 1, got {beta}")
+    total = check_feasible(num_layers, avg_budget, n_tokens, window)
+    low, high = bounds(n_tokens, window)
+    b_min = avg_budget / beta
+    b_max = 2 * avg_budget - b_min
+    raw = np.linspace(b_max, b_min, num_layers) if num_layers > 1 else np.array([avg_budget])
+    return fit_to_bounds(raw, raw, low, high, total)
+
+
+def zigzag_budgets(
+    uncertainty: np.ndarray, avg_budget: float, n_tokens: int, window: int, rho: float = DEFAULT_RHO
+) -> np.ndarray:
+    """ZigZag: B_l = ρ·B_avg + (1 − ρ)·B_avg·L·u_l with u_l = s_l / Σ s_j, from per-layer uncertainty s_l ≥ 0."""
+    uncertainty = np.asarray(uncertainty, dtype=np.float64)
+    if uncertainty.ndim != 1 or len(uncertainty) == 0:
+        raise BudgetError("uncertainty must be one number per layer")
+    if not np.all(np.isfinite(uncertainty)) or np.any(uncertainty < 0):
+        raise BudgetError("uncertainty must be finite and non-negative")
+    if not 0.0 <= rho <= 1.0:
+        raise BudgetError(f"zigzag rho must lie in [0, 1], got {rho}")
+    num_layers = len(uncertainty)
+    total = check_feasible(num_layers, avg_budget, n_tokens, window)
+    low, high = bounds(n_tokens, window)
+    share = uncertainty / uncertainty.sum() if uncertainty.sum() > 0 else np.full(num_layers, 1 / num_layers)
+    raw = rho * avg_budget + (1 - rho) * avg_budget * num_layers * share
+    return fit_to_bounds(raw, share, low, high, total)
+
+
+def budget_curves(
+    uncertainty: np.ndarray,
+    budget: float,
+    n_tokens: int,
+    window: int,
+    rho: float = DEFAULT_RHO,
+    beta: float = DEFAULT_BETA,
+) -> dict[str, np.ndarray]:
+    """Tokens per layer (L,) under ZigZag (from `uncertainty`), PyramidKV and uniform at kept fraction `budget`."""
+    num_layers = len(uncertainty)
+    avg = average_budget(budget, n_tokens)
+    return {
+        "zigzag": zigzag_budgets(uncertainty, avg, n_tokens, window, rho=rho),
+        "pyramid": pyramid_budgets(num_layers, avg, n_tokens, window, beta=beta),
+        "uniform": uniform_budgets(num_layers, avg, n_tokens, window),
+    }

@@ -1,0 +1,191 @@
+"""The `zigzag-viz` command line: analyze a prompt's layer signals, or compare methods against full KV."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from .errors import InputError, UserError
+
+DEFAULT_METHODS = "full,zigzag,pyramid,uniform"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr, exit 2
+        raise InputError(message)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def read_prompt(path: str) -> str:
+    """Prompt text from a file, or standard input for '-'; refuses empty and non-text input."""
+    try:
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read prompt file {path}: {exc.strerror or exc}") from None
+    if b"\x00" in data:
+        raise InputError(f"the prompt in {path} is not text (binary data)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"the prompt in {path} is not UTF-8 text") from None
+    if not text.strip():
+        raise InputError(f"the prompt in {path} is empty")
+    return text
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise InputError(f"budget must be a number in (0, 1], got {text!r}") from None
+    if not math.isfinite(value) or not 0.0 < value <= 1.0:
+        raise InputError(f"budget must be a number in (0, 1], got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise InputError(f"expected a positive whole number, got {text!r}") from None
+    if value < 1:
+        raise InputError(f"expected a positive whole number, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="zigzag-viz", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def common(sub):
+        sub.add_argument("--model", default="smollm2", help="smollm2 (embedded), tiny, or a local folder")
+        sub.add_argument("--prompt-file", required=True, help="text file with the prompt, or - for standard input")
+        sub.add_argument("--window", type=_positive_int, default=32, help="observation window w (tokens)")
+        sub.add_argument("--budget", type=_fraction, default=0.2, help="kept fraction of the prompt, in (0, 1]")
+        sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    analyze = commands.add_parser("analyze", help="per-layer uncertainty signals and budgets")
+    common(analyze)
+    analyze.add_argument("--tau", type=_fraction, default=0.9, help="attention mass LMBA must cover")
+
+    compare = commands.add_parser("compare", help="full KV against compressed caches")
+    common(compare)
+    compare.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated method specs")
+    compare.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    compare.add_argument("--answer", default=None, help="known answer, for the task score")
+
+    commands.add_parser("methods", help="list the compression methods and their parameters")
+    return parser
+
+
+def run_analyze(args) -> dict:
+    from . import runtime
+    from .budgets import budget_curves
+    from .models import load_model
+
+    text = read_prompt(args.prompt_file)
+    loaded = load_model(args.model)
+    pre = runtime.prefill(loaded, loaded.encode(text), args.window)
+    a = pre.analysis
+    entropy, lmba, hidden = a.layer_signal("entropy"), a.layer_signal("lmba", args.tau), a.layer_signal("hidden")
+    return {
+        "model": loaded.name,
+        "n_tokens": a.n_tokens,
+        "layers": [
+            {"layer": i, "entropy": float(entropy[i]), "lmba": float(lmba[i]), "hidden_change": float(hidden[i])}
+            for i in range(a.num_layers)
+        ],
+        "budgets": {
+            k: [int(b) for b in v] for k, v in budget_curves(lmba, args.budget, a.n_tokens, a.window).items()
+        },
+    }
+
+
+def run_compare(args) -> list[dict]:
+    from .compare import compare
+    from .methods import parse_specs
+    from .models import load_model
+
+    methods = parse_specs(args.methods)
+    text = read_prompt(args.prompt_file)
+    loaded = load_model(args.model)
+    result = compare(loaded, text, methods, args.budget, args.max_new_tokens, args.window, answer=args.answer)
+    return [r.to_json() for r in result.results]
+
+
+def _methods_listing() -> list[dict]:
+    from .methods import METHODS
+
+    return [
+        {
+            "method": name,
+            "compresses": cls.compresses,
+            "summary": cls.summary,
+            "paper": cls.paper,
+            "parameters": {k: {"default": p.default, "help": p.help} for k, p in cls.parameters.items()},
+        }
+        for name, cls in METHODS.items()
+    ]
+
+
+def _print_table(rows: list[dict], columns: list[str]) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)[columns]
+    with pd.option_context("display.max_colwidth", 60, "display.width", 200):
+        print(frame.to_string(index=False))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "methods":
+            listing = _methods_listing()
+            for row in listing:
+                params = ", ".join(f"{k}={v['default']}" for k, v in row["parameters"].items())
+                print(f"{row['method']:<10} {row['summary']}" + (f"  [{params}]" if params else ""))
+            return 0
+        _quiet_libraries()
+        if args.command == "analyze":
+            result = run_analyze(args)
+            if args.json:
+                print(json.dumps(result))
+            else:
+                print(f"{result['model']}: {result['n_tokens']} tokens")
+                rows = [dict(layer, **{f"{k}_budget": v[layer["layer"]] for k, v in result["budgets"].items()})
+                        for layer in result["layers"]]
+                _print_table(rows, list(rows[0]))
+        else:
+            rows = run_compare(args)
+            if args.json:
+                print(json.dumps(rows))
+            else:
+                _print_table(rows, ["method", "kv_fraction", "token_agreement", "first_divergence", "task_score", "text"])
+        return 0
+    except UserError as exc:
+        print(f"zigzag-viz: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("zigzag-viz: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

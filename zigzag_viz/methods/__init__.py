@@ -1,0 +1,24 @@
+"""Compression methods, one file each, registered by name in METHODS."""
+
+from . import full, pyramid, uniform, zigzag  # noqa: F401  (each module registers its method)
+from .base import (
+    METHODS,
+    CompressionContext,
+    CompressionMethod,
+    CompressionReport,
+    Parameter,
+    TokenBudgetMethod,
+    parse_spec,
+    parse_specs,
+)
+
+__all__ = [
+    "METHODS",
+    "CompressionContext",
+    "CompressionMethod",
+    "CompressionReport",
+    "Parameter",
+    "TokenBudgetMethod",
+    "parse_spec",
+    "parse_specs",
+]

@@ -1,0 +1,165 @@
+"""The one interface every compression method shares, its registry, and the spec-string parser.
+
+A spec names a method and its parameters: `zigzag`, `zigzag[rho=0.5,signal=entropy]`, `pyramid[beta=10]`.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from .. import cache as kvcache
+from ..budgets import average_budget
+from ..capture import PromptAnalysis
+from ..errors import InputError
+from ..selection import SELECTORS, keep_top
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One tunable parameter: its type, default, and the values it accepts."""
+
+    kind: type
+    default: Any
+    help: str
+    choices: tuple | None = None
+    low: float | None = None
+    high: float | None = None
+
+    def parse(self, method: str, name: str, text: Any) -> Any:
+        try:
+            value = self.kind(text)
+        except (TypeError, ValueError):
+            raise InputError(f"{method}: parameter '{name}' must be a {self.kind.__name__}, got {text!r}") from None
+        if self.choices is not None and value not in self.choices:
+            raise InputError(f"{method}: parameter '{name}' must be one of {', '.join(map(str, self.choices))}, got {value!r}")
+        if self.low is not None and value < self.low or self.high is not None and value > self.high:
+            raise InputError(f"{method}: parameter '{name}' must lie in [{self.low}, {self.high}], got {value}")
+        return value
+
+
+@dataclass
+class CompressionContext:
+    """What a method may use: the prompt's signals and the kept fraction asked for (0 < budget ≤ 1)."""
+
+    analysis: PromptAnalysis
+    budget: float
+
+    @property
+    def avg_budget(self) -> float:
+        return average_budget(self.budget, self.analysis.n_tokens)
+
+
+@dataclass
+class CompressionReport:
+    """What a method did: tokens kept per layer (L,) and any notes for the user."""
+
+    layer_budgets: np.ndarray
+    notes: list[str] = field(default_factory=list)
+
+
+class CompressionMethod(ABC):
+    """A KV-cache compression method. Subclasses set `name`, `summary`, `paper`, `compresses`, `parameters`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    paper: ClassVar[str] = ""
+    compresses: ClassVar[str] = "tokens per layer"
+    parameters: ClassVar[dict[str, Parameter]] = {}
+
+    def __init__(self, **params: Any):
+        unknown = sorted(set(params) - set(self.parameters))
+        if unknown:
+            known = ", ".join(self.parameters) or "none"
+            raise InputError(f"{self.name}: unknown parameter '{unknown[0]}' (parameters: {known})")
+        self.params = {
+            key: spec.parse(self.name, key, params[key]) if key in params else spec.default
+            for key, spec in self.parameters.items()
+        }
+
+    @property
+    def spec(self) -> str:
+        """Canonical spec string: defaults left out."""
+        changed = [f"{k}={v}" for k, v in self.params.items() if v != self.parameters[k].default]
+        return f"{self.name}[{','.join(changed)}]" if changed else self.name
+
+    @abstractmethod
+    def compress(self, cache, context: CompressionContext) -> CompressionReport:
+        """Shrink `cache` in place after prefill."""
+
+
+class TokenBudgetMethod(CompressionMethod):
+    """Evicts tokens per layer: a budget rule gives B_l, a selector picks which B_l tokens each KV head keeps."""
+
+    select_parameter: ClassVar[Parameter] = Parameter(
+        str, "snapkv", "within-layer selection", choices=tuple(SELECTORS)
+    )
+
+    @abstractmethod
+    def layer_budgets(self, context: CompressionContext) -> np.ndarray:
+        """(L,) integer tokens kept per layer."""
+
+    def scores(self, cache, layer: int, context: CompressionContext) -> torch.Tensor:
+        """(H_kv, n) keep-scores of one layer's tokens."""
+        keys = kvcache.layer_keys(cache, layer)
+        window_scores = torch.from_numpy(context.analysis.kv_scores(layer)).to(keys.device)
+        return SELECTORS[self.params["select"]](window_scores, keys)
+
+    def compress(self, cache, context: CompressionContext) -> CompressionReport:
+        budgets = self.layer_budgets(context)
+        for layer, budget in enumerate(budgets):
+            if budget < context.analysis.n_tokens:
+                keep = keep_top(self.scores(cache, layer, context), int(budget), context.analysis.window)
+                kvcache.evict(cache, layer, keep)
+        return CompressionReport(layer_budgets=np.asarray(budgets))
+
+
+METHODS: dict[str, type[CompressionMethod]] = {}
+
+
+def register(cls: type[CompressionMethod]) -> type[CompressionMethod]:
+    """Class decorator: make a method available by its `name`."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+_SPEC = re.compile(r"^\s*([A-Za-z0-9_]+)\s*(?:\[(.*)\])?\s*$")
+
+
+def parse_spec(spec: str) -> CompressionMethod:
+    """A method instance from a spec like `zigzag[rho=0.5,signal=entropy]`."""
+    match = _SPEC.match(spec or "")
+    if not match:
+        raise InputError(f"cannot read method spec {spec!r}: write name or name[key=value,...]")
+    name, body = match.group(1).lower(), match.group(2)
+    if name not in METHODS:
+        raise InputError(f"unknown method '{name}': choose {', '.join(METHODS)}")
+    params = {}
+    for item in filter(None, (part.strip() for part in (body or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"{name}: write parameters as key=value, got {item!r}")
+        params[key.strip()] = value.strip()
+    return METHODS[name](**params)
+
+
+def parse_specs(text: str) -> list[CompressionMethod]:
+    """Methods from a comma-separated list; commas inside [...] belong to a method's parameters."""
+    specs, depth, current = [], 0, ""
+    for char in text or "":
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            specs.append(current)
+            current = ""
+        else:
+            current += char
+    specs.append(current)
+    specs = [s for s in (s.strip() for s in specs) if s]
+    if not specs:
+        raise InputError(f"no methods given: choose from {', '.join(METHODS)}")
+    return [parse_spec(s) for s in specs]

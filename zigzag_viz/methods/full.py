@@ -1,0 +1,15 @@
+"""Full KV: the uncompressed reference."""
+
+import numpy as np
+
+from .base import CompressionMethod, CompressionReport, register
+
+
+@register
+class FullKV(CompressionMethod):
+    name = "full"
+    summary = "no compression (the reference every method is compared with)"
+
+    def compress(self, cache, context) -> CompressionReport:
+        n = context.analysis.n_tokens
+        return CompressionReport(layer_budgets=np.full(context.analysis.num_layers, n))

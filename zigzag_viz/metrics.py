@@ -1,0 +1,36 @@
+"""Comparison metrics: pure functions of token lists and numbers."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def first_divergence(reference: Sequence[int], candidate: Sequence[int]) -> int | None:
+    """Index of the first generated token where `candidate` leaves `reference`; None if they are identical."""
+    for index, (a, b) in enumerate(zip(reference, candidate)):
+        if a != b:
+            return index
+    if len(reference) != len(candidate):
+        return min(len(reference), len(candidate))
+    return None
+
+
+def token_agreement(reference: Sequence[int], candidate: Sequence[int]) -> float:
+    """Share of positions (over the longer sequence) holding the same token in both; 1.0 for two empty lists."""
+    length = max(len(reference), len(candidate))
+    if length == 0:
+        return 1.0
+    same = sum(a == b for a, b in zip(reference, candidate))
+    return same / length
+
+
+def kv_fraction(kv_bytes: int, full_bytes: int) -> float:
+    """Bytes held as a share of the full cache's bytes."""
+    return kv_bytes / full_bytes if full_bytes else 0.0
+
+
+def task_score(text: str, answer: str | None) -> float | None:
+    """1.0 if the known answer appears in the text, 0.0 if not, None when the prompt has no known answer."""
+    if not answer:
+        return None
+    return 1.0 if answer in text else 0.0

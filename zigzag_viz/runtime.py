@@ -1,0 +1,102 @@
+"""The model-facing core: prefill (optionally recording signals) and feeding tokens through a cache.
+
+Positions are always explicit: after compression a layer may hold far fewer entries than the prompt had
+tokens, so RoPE positions come from the true token index, never from the cache length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .capture import PromptAnalysis, recording
+from .errors import OutOfMemoryError
+from .models import LoadedModel
+
+
+@dataclass
+class Prefill:
+    """A prompt after prefill: ids (1, n), the full cache, next-token logits (V,), signals, seconds taken."""
+
+    input_ids: torch.Tensor
+    cache: object
+    next_logits: torch.Tensor
+    analysis: PromptAnalysis
+    seconds: float
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+def _cache_argument(model) -> str:
+    """Name of the forward argument that takes the cache ('cache' in recent transformers)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@contextlib.contextmanager
+def _memory_guard():
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise OutOfMemoryError(
+            "the device ran out of memory: try a shorter prompt, fewer methods, or the CPU"
+        ) from None
+
+
+def forward_tokens(loaded: LoadedModel, cache, token_ids: torch.Tensor, start: int, last_only: bool = False) -> torch.Tensor:
+    """Feed tokens (1, k) at true positions start..start+k−1 through `cache` (updated in place); logits (k, V)."""
+    model = loaded.model
+    k = token_ids.shape[1]
+    positions = torch.arange(start, start + k, device=loaded.device)[None]
+    kwargs = {_cache_argument(model): cache, "use_cache": True, "position_ids": positions}
+    if last_only:
+        kwargs["logits_to_keep"] = 1
+    with torch.inference_mode(), _memory_guard():
+        out = model(input_ids=token_ids.to(loaded.device), **kwargs)
+    return out.logits[0].float()
+
+
+def new_cache(loaded: LoadedModel):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=loaded.model.config)
+
+
+def prefill(loaded: LoadedModel, input_ids: torch.Tensor, window: int = 32) -> Prefill:
+    """Prefill the prompt into a fresh cache, recording every layer's signals on the way."""
+    if window < 1:
+        raise ValueError("window must be at least 1")
+    with loaded.lock:
+        cache = new_cache(loaded)
+        started = time.perf_counter()
+        with recording(loaded.model, window) as recorder:
+            logits = forward_tokens(loaded, cache, input_ids, 0, last_only=True)
+        seconds = time.perf_counter() - started
+    return Prefill(input_ids, cache, logits[-1], recorder.analysis(), seconds)
+
+
+def greedy_decode(
+    loaded: LoadedModel, cache, next_logits: torch.Tensor, start: int, max_new_tokens: int
+) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens from `next_logits` on, fed one at a time from position `start`; with each step's logits (V,)."""
+    tokens: list[int] = []
+    step_logits: list[torch.Tensor] = []
+    logits = next_logits
+    stop = loaded.eos_token_ids
+    with loaded.lock:
+        for step in range(max_new_tokens):
+            step_logits.append(logits)
+            token = int(torch.argmax(logits))
+            tokens.append(token)
+            if token in stop or step == max_new_tokens - 1:
+                break
+            logits = forward_tokens(loaded, cache, torch.tensor([[token]]), start + step)[-1]
+    return tokens, step_logits
