@@ -81,7 +81,7 @@ class LoadedModel:
 
     def token_texts(self, token_ids) -> list[str]:
         """The text of each token on its own, for highlighting and hover labels."""
-        return [self.tokenizer.decode([int(t)]) for t in token_ids]
+        return [self.tokenizer.decode([int(t)], skip_special_tokens=True) for t in token_ids]
 
     @property
     def eos_token_ids(self) -> set[int]:

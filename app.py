@@ -1,0 +1,40 @@
+"""zigzag_viz: the app's entry point and home page (what the workbench shows and where to start)."""
+
+import streamlit as st
+
+INTRO = """
+**Why does a language model need a different KV-cache budget in every layer, and what does compression do to
+its answers?**
+
+A KV cache keeps the keys and values of every token in every layer. Most compression methods keep the
+same number of tokens everywhere. **ZigZagKV** (arXiv 2412.09036) measures how *uncertain* each layer is —
+how widely its attention spreads (entropy, and the minimum share of tokens that holds 90 % of the
+attention, **LMBA**) and how much it changes the hidden state — and gives uncertain layers more of the budget.
+Across depth that need zig-zags, and it differs between models.
+
+This workbench runs a real model (SmolLM2-135M-Instruct, embedded, offline), captures those signals during
+the prefill at the cost of plain attention, evicts the cache for real, and decodes each compressed cache
+beside full KV.
+"""
+
+STEPS = """
+1. Pick the model in the sidebar (`smollm2` is embedded; `tiny` is a 4-layer random Llama for a quick look).
+2. Keep the bundled prompt (a pass key hidden in prose) or paste your own, pick methods and a kept fraction.
+3. Press **Run**: per-layer signals, the budget each rule gives every layer, and the answers side by side,
+   with the first token where a compressed answer leaves the full one highlighted.
+
+The same library drives the command line: `.venv/bin/zigzag-viz compare --help`.
+"""
+
+
+def home() -> None:
+    st.title("zigzag_viz")
+    st.markdown(INTRO)
+    st.subheader("Start here")
+    st.page_link(COMPARE, label="**Compare**: one prompt, full KV against ZigZag, PyramidKV and uniform budgets")
+    st.markdown(STEPS)
+
+
+st.set_page_config(page_title="zigzag_viz", page_icon=":material/stacked_line_chart:", layout="wide")
+COMPARE = st.Page("pages/compare.py", title="Compare", icon=":material/compare:", url_path="compare")
+st.navigation([st.Page(home, title="Home", icon=":material/home:", default=True), COMPARE]).run()

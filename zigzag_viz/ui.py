@@ -1,0 +1,110 @@
+"""Streamlit helpers shared by the pages. The only module of the package that imports Streamlit."""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, TypeVar
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from .errors import UserError
+from .methods import METHODS, CompressionMethod, Parameter
+from .models import EMBEDDED_MODELS, LoadedModel, load_model
+
+T = TypeVar("T")
+
+CUSTOM_MODEL = "other (local folder or cached id)…"
+
+
+@st.cache_resource(show_spinner="Loading the model (once per server)…", max_entries=3)
+def cached_model(name: str) -> LoadedModel:
+    """One model object per name for every session of this server; forward passes take its lock."""
+    return load_model(name)
+
+
+def model_picker(key: str = "model") -> str:
+    """Model choice: the embedded models or a folder / cached id typed by the user."""
+    choices = list(EMBEDDED_MODELS) + [CUSTOM_MODEL]
+    choice = st.selectbox("Model", choices, key=key, help="smollm2 is the embedded SmolLM2-135M-Instruct; tiny is a 4-layer random Llama")
+    if choice == CUSTOM_MODEL:
+        return st.text_input("Model folder or cached Hugging Face id", key=f"{key}_path").strip()
+    return choice
+
+
+def _parameter_widget(method: str, name: str, param: Parameter, key: str):
+    label = f"{method}: {name}"
+    if param.choices is not None:
+        return st.selectbox(label, param.choices, index=param.choices.index(param.default), key=key, help=param.help)
+    if param.kind is float:
+        return st.number_input(
+            label, min_value=param.low, max_value=param.high, value=float(param.default), key=key, help=param.help,
+            format="%.3g",
+        )
+    return st.text_input(label, value=str(param.default), key=key, help=param.help)
+
+
+def method_picker(default: list[str], key: str = "methods") -> list[CompressionMethod]:
+    """Pick methods by name, then tune each one's parameters; returns method instances."""
+    names = st.multiselect(
+        "Methods", list(METHODS), default=default, key=key,
+        help="\n".join(f"- **{n}**: {cls.summary}" for n, cls in METHODS.items()),
+    )
+    methods = []
+    with st.expander("Method parameters"):
+        for name in names:
+            params = {p: _parameter_widget(name, p, spec, f"{key}_{name}_{p}") for p, spec in METHODS[name].parameters.items()}
+            methods.append(METHODS[name](**params))
+        if not names:
+            st.caption("Pick at least one method.")
+    return methods
+
+
+def run_safely(action: Callable[[], T], what: str) -> T | None:
+    """Run `action`; show a clear message instead of a traceback when it fails, and return None."""
+    try:
+        return action()
+    except UserError as exc:
+        st.error(f"{what}: {exc}")
+    except Exception as exc:  # anything else still gets a one-line message, never a traceback
+        st.error(f"{what} failed unexpectedly: {type(exc).__name__}: {exc}")
+    return None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "figure"
+
+
+def show_figure(fig: go.Figure, name: str) -> None:
+    """Draw a figure with PNG export in its toolbar (camera) and an HTML download beside it."""
+    st.plotly_chart(
+        fig, width="stretch",
+        config={"toImageButtonOptions": {"format": "png", "filename": _slug(name), "scale": 2}, "displaylogo": False},
+    )
+    st.download_button(
+        f"Download {name} (HTML)", fig.to_html(include_plotlyjs="cdn", full_html=True), file_name=f"{_slug(name)}.html",
+        mime="text/html", key=f"html_{_slug(name)}",
+    )
+
+
+def show_table(frame: pd.DataFrame, name: str) -> None:
+    """A dataframe with CSV and Parquet downloads."""
+    st.dataframe(frame, width="stretch", hide_index=True)
+    left, right = st.columns(2)
+    left.download_button(f"{name} as CSV", frame.to_csv(index=False), file_name=f"{_slug(name)}.csv",
+                         mime="text/csv", key=f"csv_{_slug(name)}")
+    right.download_button(f"{name} as Parquet", frame.to_parquet(index=False), file_name=f"{_slug(name)}.parquet",
+                          mime="application/octet-stream", key=f"parquet_{_slug(name)}")
+
+
+def page_style() -> None:
+    st.markdown(
+        """<style>
+        .zz-out {font-family: ui-monospace, monospace; font-size: 0.9rem; white-space: pre-wrap;
+                 border-radius: 6px; padding: 0.6rem; background: rgba(128,128,128,0.08); min-height: 3rem;}
+        .zz-head {font-weight: 600; border-left: 6px solid var(--c); padding-left: 0.5rem; margin-bottom: 0.3rem;}
+        </style>""",
+        unsafe_allow_html=True,
+    )
+
