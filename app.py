@@ -1,4 +1,4 @@
-"""zigzag_viz: the app's entry point and home page (what the workbench shows and where to start)."""
+"""zigzag_viz home page: what the workbench shows and where to start. Pages live in pages/."""
 
 import streamlit as st
 
@@ -27,14 +27,10 @@ The same library drives the command line: `.venv/bin/zigzag-viz compare --help`.
 """
 
 
-def home() -> None:
-    st.title("zigzag_viz")
-    st.markdown(INTRO)
-    st.subheader("Start here")
-    st.page_link(COMPARE, label="**Compare**: one prompt, full KV against ZigZag, PyramidKV and uniform budgets")
-    st.markdown(STEPS)
-
-
 st.set_page_config(page_title="zigzag_viz", page_icon=":material/stacked_line_chart:", layout="wide")
-COMPARE = st.Page("pages/compare.py", title="Compare", icon=":material/compare:", url_path="compare")
-st.navigation([st.Page(home, title="Home", icon=":material/home:", default=True), COMPARE]).run()
+st.title("zigzag_viz")
+st.markdown(INTRO)
+st.subheader("Start here")
+st.page_link("pages/1_Compare.py", label="**Compare**: one prompt, full KV against ZigZag, PyramidKV and uniform budgets",
+             icon=":material/compare:")
+st.markdown(STEPS)

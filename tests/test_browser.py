@@ -88,7 +88,7 @@ def test_home_page_explains_the_tool(browser, app_url):
 
 def test_compare_page_runs_tiny_side_by_side(browser, app_url):
     page = browser.new_page(viewport={"width": 1500, "height": 1000})
-    page.goto(f"{app_url}/compare")
+    page.goto(f"{app_url}/Compare")
     page.get_by_role("button", name="Run").wait_for(timeout=60_000)
     _choose(page, "Model", "tiny")
     page.get_by_role("button", name="Run").click()
@@ -105,7 +105,7 @@ def test_compare_page_runs_tiny_side_by_side(browser, app_url):
 
 def test_compare_page_reports_bad_input_without_a_traceback(browser, app_url):
     page = browser.new_page(viewport={"width": 1400, "height": 900})
-    page.goto(f"{app_url}/compare")
+    page.goto(f"{app_url}/Compare")
     page.get_by_role("button", name="Run").wait_for(timeout=60_000)
     _choose(page, "Model", "tiny")
     prompt = page.get_by_role("textbox", name="Prompt")

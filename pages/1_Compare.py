@@ -7,6 +7,7 @@ from zigzag_viz.budgets import budget_curves
 from zigzag_viz.compare import compare
 from zigzag_viz.prompts import example_prompt
 
+st.set_page_config(page_title="Compare · zigzag_viz", page_icon=":material/compare:", layout="wide")
 ui.page_style()
 st.title("Full KV vs compressed KV")
 
