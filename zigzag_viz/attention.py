@@ -20,8 +20,12 @@ IMPLEMENTATION = "zigzag_viz"
 
 
 class AttentionObserver(Protocol):
-    def on_attention(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        """query (batch, H_q, q_len, d) and key (batch, H_kv, k_len, d), RoPE applied, KV heads not repeated."""
+    def on_attention(
+        self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+        sliding_window: int | None,
+    ) -> None:
+        """query (batch, H_q, n, d), key and value (batch, H_kv, n, d), RoPE applied, KV heads not repeated;
+        `sliding_window` is the layer's own attention span (None for global attention)."""
 
 
 _observer: contextvars.ContextVar[AttentionObserver | None] = contextvars.ContextVar("zigzag_observer", default=None)
@@ -52,14 +56,16 @@ def zigzag_attention_forward(module, query, key, value, attention_mask, dropout=
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     q_len, k_len = query.shape[2], key.shape[2]
+    sliding_window = kwargs.get("sliding_window")
     observer = _observer.get()
     if observer is not None and q_len == k_len:
-        observer.on_attention(module, query, key, scaling if scaling is not None else query.shape[-1] ** -0.5)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        observer.on_attention(module, query, key, value, scale, sliding_window)
     if q_len == k_len or q_len == 1:
         # A fresh prefill (the model's own mask is right) or a single new token (it may see every cached entry).
         mask = attention_mask if q_len == k_len else None
     else:
-        mask = bottom_right_causal_mask(q_len, k_len, query.device)
+        mask = bottom_right_causal_mask(q_len, k_len, query.device, sliding_window)
     return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
 

@@ -1,7 +1,8 @@
 """Stage 3, allocate per-layer budgets (METHOD §3). Pure functions of numbers: no model, no torch.
 
 Every rule returns integer tokens per layer, shape (L,), with Σ B_l = round(L·B_avg) and each
-B_l in [min(w, n), n].
+B_l in [min(w, cap_l), cap_l], where cap_l is what layer l can hold: n, or its sliding window when smaller
+(`caps`, optional, shape (L,)).
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ DEFAULT_RHO = 0.2
 DEFAULT_BETA = 20.0
 
 
-def bounds(n_tokens: int, window: int) -> tuple[int, int]:
-    """(lowest, highest) tokens a layer may keep: the window (clipped to n) and the whole prompt."""
-    return min(window, n_tokens), n_tokens
+def bounds(num_layers: int, n_tokens: int, window: int, caps=None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-layer (lowest, highest) tokens, each (L,): the window clipped to what the layer holds, and that."""
+    high = np.full(num_layers, n_tokens, dtype=np.int64)
+    if caps is not None:
+        high = np.minimum(high, np.asarray(caps, dtype=np.int64))
+    return np.minimum(window, high), high
 
 
 def average_budget(fraction: float, n_tokens: int) -> float:
@@ -26,20 +30,25 @@ def average_budget(fraction: float, n_tokens: int) -> float:
     return float(fraction) * n_tokens
 
 
-def check_feasible(num_layers: int, avg_budget: float, n_tokens: int, window: int) -> int:
-    low, high = bounds(n_tokens, window)
+def check_feasible(num_layers: int, avg_budget: float, n_tokens: int, window: int, caps=None) -> int:
+    """round(L·B_avg), after checking that the layers' bounds can hold exactly that many tokens."""
+    low, high = bounds(num_layers, n_tokens, window, caps)
     total = int(round(num_layers * avg_budget))
-    if total < num_layers * low:
+    if total < low.sum():
+        smallest = low.sum() / (num_layers * n_tokens)
         raise BudgetError(
-            f"a budget of {avg_budget:.1f} tokens per layer is below the always-kept window of {low} tokens "
-            f"(prompt of {n_tokens} tokens): raise the budget to at least {low / n_tokens:.2f} or shrink the window"
+            f"a budget of {avg_budget:.1f} tokens per layer is below the always-kept window of {low.max()} tokens "
+            f"(prompt of {n_tokens} tokens): raise the budget to at least {smallest:.2f} or shrink the window"
         )
-    if total > num_layers * high:
-        raise BudgetError(f"a budget of {avg_budget:.1f} tokens per layer exceeds the prompt's {n_tokens} tokens")
+    if total > high.sum():
+        raise BudgetError(
+            f"a budget of {avg_budget:.1f} tokens per layer is more than the layers can hold "
+            f"(at most {high.sum() / num_layers:.1f} on average)"
+        )
     return total
 
 
-def fit_to_bounds(raw: np.ndarray, weights: np.ndarray, low: int, high: int, total: int) -> np.ndarray:
+def fit_to_bounds(raw: np.ndarray, weights: np.ndarray, low, high, total: int) -> np.ndarray:
     """Clip `raw` to [low, high], hand the excess or deficit to the unclipped layers in proportion to
     `weights` until nothing moves, then round by largest remainder so the integers sum to `total`.
 
@@ -54,7 +63,7 @@ def fit_to_bounds(raw: np.ndarray, weights: np.ndarray, low: int, high: int, tot
     def filled(theta: float) -> np.ndarray:
         return np.clip(raw + theta * weights, low, high)
 
-    span = (abs(total) + np.abs(raw).sum() + high * len(raw)) / weights.min()
+    span = (abs(total) + np.abs(raw).sum() + np.sum(high) * len(raw)) / weights.min()
     lo_theta, hi_theta = -span, span
     for _ in range(200):
         mid = 0.5 * (lo_theta + hi_theta)
@@ -65,37 +74,39 @@ def fit_to_bounds(raw: np.ndarray, weights: np.ndarray, low: int, high: int, tot
     return largest_remainder(filled(hi_theta), total, low, high)
 
 
-def largest_remainder(values: np.ndarray, total: int, low: int, high: int) -> np.ndarray:
-    """Integers within [low, high] near `values` that sum to `total` (largest fractional parts round up)."""
+def largest_remainder(values: np.ndarray, total: int, low, high) -> np.ndarray:
+    """Integers within [low, high] (scalars or per layer) near `values` that sum to `total`."""
+    low = np.broadcast_to(low, values.shape)
+    high = np.broadcast_to(high, values.shape)
     floors = np.clip(np.floor(values + 1e-9), low, high).astype(np.int64)
     remainder = int(total - floors.sum())
     fractions = values - floors
     if remainder > 0:
-        order = [i for i in np.argsort(-fractions, kind="stable") if floors[i] < high]
+        order = [i for i in np.argsort(-fractions, kind="stable") if floors[i] < high[i]]
         for i in order[:remainder]:
             floors[i] += 1
     elif remainder < 0:
-        order = [i for i in np.argsort(fractions, kind="stable") if floors[i] > low]
+        order = [i for i in np.argsort(fractions, kind="stable") if floors[i] > low[i]]
         for i in order[:-remainder]:
             floors[i] -= 1
     return floors
 
 
-def uniform_budgets(num_layers: int, avg_budget: float, n_tokens: int, window: int) -> np.ndarray:
+def uniform_budgets(num_layers: int, avg_budget: float, n_tokens: int, window: int, caps=None) -> np.ndarray:
     """B_l = B_avg in every layer (SnapKV, StreamingLLM, L2-norm)."""
-    total = check_feasible(num_layers, avg_budget, n_tokens, window)
-    low, high = bounds(n_tokens, window)
+    total = check_feasible(num_layers, avg_budget, n_tokens, window, caps)
+    low, high = bounds(num_layers, n_tokens, window, caps)
     return fit_to_bounds(np.full(num_layers, avg_budget), np.ones(num_layers), low, high, total)
 
 
 def pyramid_budgets(
-    num_layers: int, avg_budget: float, n_tokens: int, window: int, beta: float = DEFAULT_BETA
+    num_layers: int, avg_budget: float, n_tokens: int, window: int, beta: float = DEFAULT_BETA, caps=None
 ) -> np.ndarray:
     """PyramidKV: linear from B_max at layer 0 down to B_min = B_avg/β at the last layer, B_max = 2·B_avg − B_min."""
     if beta < 1:
         raise BudgetError(f"pyramid beta must be ≥ 1, got {beta}")
-    total = check_feasible(num_layers, avg_budget, n_tokens, window)
-    low, high = bounds(n_tokens, window)
+    total = check_feasible(num_layers, avg_budget, n_tokens, window, caps)
+    low, high = bounds(num_layers, n_tokens, window, caps)
     b_min = avg_budget / beta
     b_max = 2 * avg_budget - b_min
     raw = np.linspace(b_max, b_min, num_layers) if num_layers > 1 else np.array([avg_budget])
@@ -103,7 +114,7 @@ def pyramid_budgets(
 
 
 def zigzag_budgets(
-    uncertainty: np.ndarray, avg_budget: float, n_tokens: int, window: int, rho: float = DEFAULT_RHO
+    uncertainty: np.ndarray, avg_budget: float, n_tokens: int, window: int, rho: float = DEFAULT_RHO, caps=None
 ) -> np.ndarray:
     """ZigZag: B_l = ρ·B_avg + (1 − ρ)·B_avg·L·u_l with u_l = s_l / Σ s_j, from per-layer uncertainty s_l ≥ 0."""
     uncertainty = np.asarray(uncertainty, dtype=np.float64)
@@ -114,8 +125,8 @@ def zigzag_budgets(
     if not 0.0 <= rho <= 1.0:
         raise BudgetError(f"zigzag rho must lie in [0, 1], got {rho}")
     num_layers = len(uncertainty)
-    total = check_feasible(num_layers, avg_budget, n_tokens, window)
-    low, high = bounds(n_tokens, window)
+    total = check_feasible(num_layers, avg_budget, n_tokens, window, caps)
+    low, high = bounds(num_layers, n_tokens, window, caps)
     share = uncertainty / uncertainty.sum() if uncertainty.sum() > 0 else np.full(num_layers, 1 / num_layers)
     raw = rho * avg_budget + (1 - rho) * avg_budget * num_layers * share
     return fit_to_bounds(raw, share, low, high, total)
@@ -128,12 +139,13 @@ def budget_curves(
     window: int,
     rho: float = DEFAULT_RHO,
     beta: float = DEFAULT_BETA,
+    caps=None,
 ) -> dict[str, np.ndarray]:
     """Tokens per layer (L,) under ZigZag (from `uncertainty`), PyramidKV and uniform at kept fraction `budget`."""
     num_layers = len(uncertainty)
     avg = average_budget(budget, n_tokens)
     return {
-        "zigzag": zigzag_budgets(uncertainty, avg, n_tokens, window, rho=rho),
-        "pyramid": pyramid_budgets(num_layers, avg, n_tokens, window, beta=beta),
-        "uniform": uniform_budgets(num_layers, avg, n_tokens, window),
+        "zigzag": zigzag_budgets(uncertainty, avg, n_tokens, window, rho=rho, caps=caps),
+        "pyramid": pyramid_budgets(num_layers, avg, n_tokens, window, beta=beta, caps=caps),
+        "uniform": uniform_budgets(num_layers, avg, n_tokens, window, caps=caps),
     }

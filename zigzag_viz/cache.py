@@ -17,7 +17,7 @@ def layer_keys(cache, layer: int) -> torch.Tensor:
 
 
 def layer_lengths(cache) -> list[int]:
-    """Tokens held per layer."""
+    """Tokens held per layer (a sliding-window layer holds only the most recent ones)."""
     return [int(layer.keys.shape[-2]) for layer in cache.layers]
 
 

@@ -1,31 +1,46 @@
 """Stage 2, capture layer-uncertainty signals during the prefill that fills the cache (METHOD §2).
 
-Window attention softmax(q_win Kᵀ/√d + causal) is computed per layer from the last `w` RoPE'd queries and
-the layer's keys: O(w·n) memory, reduced at once and freed. Hidden-state change is reduced on the fly by
-forward hooks on the decoder layers. No `output_attentions`, no eager attention, no n × n matrix.
+Window attention softmax(q_win Kᵀ/√d + the layer's own causal / sliding mask) is computed per layer from
+the last `w` RoPE'd queries and the layer's keys: O(w·n) memory, reduced at once and freed. Hidden-state
+change is reduced on the fly by forward hooks on the decoder layers. No `output_attentions`, no eager
+attention, no n × n matrix. The optional deep mode (LMBO) also measures, per layer, how small a SnapKV
+budget keeps that layer's window output close to the full-cache output.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
 from . import attention
+from .selection import keep_top, snapkv_scores
 
-SIGNALS = ("lmba", "entropy", "hidden")
+SIGNALS = ("lmba", "entropy", "hidden", "lmbo")
+LMBO_GRID = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+LMBO_THRESHOLD = 0.99
+MAX_BINS = 512
+
+
+class Cancelled(Exception):
+    """Raised from a progress callback to stop a capture."""
 
 
 @dataclass
 class PromptAnalysis:
-    """Signals of one prompt. L layers, H_q query heads, n prompt tokens, w window queries.
+    """Signals of one prompt. L layers, H_q query heads, n prompt tokens, w window queries, G LMBO grid points.
 
-    entropy, entropy_norm: (L, H_q) nats (and nats / log #keys), mean over window queries.
+    entropy, entropy_norm: (L, H_q) nats, and nats / log(#visible keys), mean over window queries.
     attention_rows: (L, H_q, n) mean attention of the window queries to each key (rows sum to 1).
     hidden_change: (L, n) 1 − cos(residual in, residual out) of each decoder layer, per token.
     kv_group: (H_q,) index of the KV head each query head reads.
+    layer_caps: (L,) most tokens a layer's cache holds after prefill (n, or sliding window − 1 when smaller).
+    lmbo_cos: (L, G) deep mode only: cosine of the window output with only this layer compressed to
+        each fraction of LMBO_GRID, against its full-cache output.
     """
 
     n_tokens: int
@@ -35,16 +50,29 @@ class PromptAnalysis:
     attention_rows: np.ndarray
     hidden_change: np.ndarray
     kv_group: np.ndarray
+    layer_caps: np.ndarray
+    lmbo_cos: np.ndarray | None = None
 
     @property
     def num_layers(self) -> int:
         return self.entropy.shape[0]
 
+    @property
+    def sliding_layers(self) -> np.ndarray:
+        """(L,) True where the layer only sees a sliding window shorter than the prompt."""
+        return self.layer_caps < self.n_tokens
+
     def lmba(self, tau: float = 0.9) -> np.ndarray:
         """(L, H_q) minimum attention budget as a fraction of n."""
         return min_budget_fraction(self.attention_rows, tau)
 
-    def layer_signal(self, name: str, tau: float = 0.9) -> np.ndarray:
+    def lmbo(self, threshold: float = LMBO_THRESHOLD) -> np.ndarray:
+        """(L,) smallest grid fraction at which the layer's window output keeps cos ≥ threshold (deep mode)."""
+        if self.lmbo_cos is None:
+            raise ValueError("LMBO needs the deep capture (--deep, or 'Compute LMBO' in the app)")
+        return min_output_budget(self.lmbo_cos, np.asarray(LMBO_GRID), threshold)
+
+    def layer_signal(self, name: str, tau: float = 0.9, threshold: float = LMBO_THRESHOLD) -> np.ndarray:
         """(L,) per-layer uncertainty: 'lmba' and 'entropy' are means over query heads."""
         if name == "lmba":
             return self.lmba(tau).mean(axis=1)
@@ -52,6 +80,8 @@ class PromptAnalysis:
             return self.entropy.mean(axis=1)
         if name == "hidden":
             return self.hidden_change.mean(axis=1)
+        if name == "lmbo":
+            return self.lmbo(threshold)
         raise ValueError(f"unknown signal '{name}': choose {', '.join(SIGNALS)}")
 
     def kv_scores(self, layer: int) -> np.ndarray:
@@ -59,6 +89,10 @@ class PromptAnalysis:
         scores = np.zeros((int(self.kv_group.max()) + 1, self.n_tokens), dtype=np.float64)
         np.add.at(scores, self.kv_group, self.attention_rows[layer])
         return scores
+
+    def token_importance(self) -> np.ndarray:
+        """(L, n) attention mass each key receives from the window, summed over query heads."""
+        return self.attention_rows.sum(axis=1)
 
 
 def min_budget_fraction(rows: np.ndarray, tau: float) -> np.ndarray:
@@ -72,8 +106,40 @@ def min_budget_fraction(rows: np.ndarray, tau: float) -> np.ndarray:
     return np.minimum(count, rows.shape[-1]) / rows.shape[-1]
 
 
-def window_attention(query: torch.Tensor, key: torch.Tensor, scaling: float, window: int) -> torch.Tensor:
-    """Softmax rows of the last `window` queries over all causal keys: (H_q, w, n) float32.
+def min_output_budget(cosines: np.ndarray, grid: np.ndarray, threshold: float) -> np.ndarray:
+    """(L,) first grid fraction whose cosine (L, G) reaches `threshold`; 1.0 where none does."""
+    reached = cosines >= threshold
+    first = np.where(reached.any(axis=1), reached.argmax(axis=1), len(grid) - 1)
+    return np.where(reached.any(axis=1), grid[first], 1.0)
+
+
+def bin_edges(n_tokens: int, max_bins: int = MAX_BINS) -> np.ndarray:
+    """Start index of each of ≤ max_bins contiguous token bins, plus n at the end: (bins + 1,)."""
+    bins = min(n_tokens, max_bins)
+    return np.linspace(0, n_tokens, bins + 1).round().astype(np.int64)
+
+
+def bin_columns(matrix: np.ndarray, edges: np.ndarray, reduce: str = "sum") -> np.ndarray:
+    """(rows, n) → (rows, bins): each bin the sum (or mean) of its tokens' values."""
+    sums = np.add.reduceat(matrix, edges[:-1], axis=-1)
+    if reduce == "mean":
+        return sums / np.diff(edges)
+    return sums
+
+
+def bin_texts(token_texts: list[str], edges: np.ndarray, limit: int = 80) -> list[str]:
+    """The text of each bin (its tokens joined), cut to `limit` characters, for hover labels."""
+    texts = []
+    for start, stop in zip(edges[:-1], edges[1:]):
+        text = "".join(token_texts[start:stop]).replace("\n", "⏎")
+        texts.append(text if len(text) <= limit else text[: limit - 1] + "…")
+    return texts
+
+
+def window_attention(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, window: int, sliding_window: int | None = None
+) -> torch.Tensor:
+    """Softmax rows of the last `window` queries over the keys they may see: (H_q, w, n) float32.
 
     query (1, H_q, n, d), key (1, H_kv, n, d); grouped heads share keys without repeating them.
     """
@@ -85,38 +151,92 @@ def window_attention(query: torch.Tensor, key: torch.Tensor, scaling: float, win
     scores = torch.matmul(q_win, key[0].float().transpose(-1, -2)).mul_(scaling).view(num_q, w, n)
     query_pos = torch.arange(n - w, n, device=query.device)[:, None]
     key_pos = torch.arange(n, device=query.device)[None, :]
-    scores.masked_fill_(key_pos > query_pos, float("-inf"))
+    hidden = key_pos > query_pos
+    if sliding_window is not None:
+        hidden |= (query_pos - key_pos) >= sliding_window
+    scores.masked_fill_(hidden, float("-inf"))
     return torch.softmax(scores, dim=-1)
 
 
-class SignalRecorder:
-    """Collects per-layer signals during one prefill; `analysis()` returns them as a PromptAnalysis."""
+def _window_output(module, query, key, value, scaling, window, keep: torch.Tensor | None, sliding_window) -> torch.Tensor:
+    """The attention module's output (w, hidden) for the last `window` queries over all keys or only `keep` (H_kv, B)."""
+    _, num_q, n, dim = query.shape
+    num_kv = key.shape[1]
+    group = num_q // num_kv
+    w = min(window, n)
+    positions = torch.arange(n, device=query.device).expand(num_kv, n) if keep is None else keep
+    k = key[0].float().gather(1, positions[..., None].expand(-1, -1, dim)) if keep is not None else key[0].float()
+    v = value[0].float().gather(1, positions[..., None].expand(-1, -1, value.shape[-1])) if keep is not None else value[0].float()
+    q_win = query[0, :, n - w :, :].float().reshape(num_kv, group * w, dim)
+    scores = torch.matmul(q_win, k.transpose(-1, -2)) * scaling  # (H_kv, g·w, B)
+    query_pos = torch.arange(n - w, n, device=query.device).repeat(group)[None, :, None]
+    key_pos = positions[:, None, :]
+    hidden = key_pos > query_pos
+    if sliding_window is not None:
+        hidden |= (query_pos - key_pos) >= sliding_window
+    out = torch.matmul(torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1), v)
+    out = out.view(num_q, w, -1).transpose(0, 1).reshape(w, -1)
+    return module.o_proj(out.to(module.o_proj.weight.dtype)).float()
 
-    def __init__(self, num_layers: int, window: int):
+
+class SignalRecorder:
+    """Collects per-layer signals during one prefill; `analysis()` returns them as a PromptAnalysis.
+
+    `progress(layer)` is called after each layer; raising `Cancelled` from it stops the prefill.
+    """
+
+    def __init__(self, num_layers: int, window: int, deep: bool = False, progress: Callable[[int], None] | None = None):
         self.window = window
+        self.deep = deep
+        self.progress = progress
+        self.num_layers = num_layers
         self.entropy: list[np.ndarray | None] = [None] * num_layers
         self.entropy_norm: list[np.ndarray | None] = [None] * num_layers
         self.rows: list[np.ndarray | None] = [None] * num_layers
         self.hidden: list[np.ndarray | None] = [None] * num_layers
+        self.caps = np.zeros(num_layers, dtype=np.int64)
+        self.lmbo_cos = np.zeros((num_layers, len(LMBO_GRID))) if deep else None
         self.kv_group: np.ndarray | None = None
         self.n_tokens = 0
 
-    def on_attention(self, module, query, key, scaling) -> None:
+    def on_attention(self, module, query, key, value, scaling, sliding_window) -> None:
         layer = module.layer_idx
         n = query.shape[2]
-        probs = window_attention(query, key, scaling, self.window)  # (H_q, w, n)
+        probs = window_attention(query, key, scaling, self.window, sliding_window)  # (H_q, w, n)
         w = probs.shape[1]
         entropy = torch.special.entr(probs).sum(-1)  # (H_q, w)
-        key_counts = torch.arange(n - w + 1, n + 1, device=probs.device, dtype=torch.float32)
-        normaliser = torch.log(key_counts).clamp_min(1e-12)
-        entropy_norm = torch.where(key_counts > 1, entropy / normaliser, torch.zeros_like(entropy))
+        visible = torch.arange(n - w + 1, n + 1, device=probs.device, dtype=torch.float32)
+        if sliding_window is not None:
+            visible = visible.clamp(max=sliding_window)
+        entropy_norm = torch.where(visible > 1, entropy / torch.log(visible).clamp_min(1e-12), torch.zeros_like(entropy))
+        rows = probs.mean(1)
         self.entropy[layer] = entropy.mean(-1).cpu().numpy()
         self.entropy_norm[layer] = entropy_norm.mean(-1).cpu().numpy()
-        self.rows[layer] = probs.mean(1).cpu().numpy()
+        self.rows[layer] = rows.cpu().numpy()
+        # A sliding layer's cache holds the last sliding_window − 1 tokens (the next token makes it sliding_window).
+        self.caps[layer] = n if sliding_window is None else min(n, sliding_window - 1)
+        group = query.shape[1] // key.shape[1]
         if self.kv_group is None:
-            group = query.shape[1] // key.shape[1]
             self.kv_group = np.arange(query.shape[1]) // group
         self.n_tokens = n
+        if self.deep:
+            self._lmbo(module, layer, query, key, value, scaling, sliding_window, rows, group)
+        if self.progress is not None:
+            self.progress(layer)
+
+    def _lmbo(self, module, layer, query, key, value, scaling, sliding_window, rows, group) -> None:
+        n = query.shape[2]
+        w = min(self.window, n)
+        kv_scores = snapkv_scores(rows.view(-1, group, n).sum(1))
+        full = _window_output(module, query, key, value, scaling, w, None, sliding_window)
+        for index, fraction in enumerate(LMBO_GRID):
+            budget = max(int(math.ceil(fraction * n)), w)
+            if budget >= n:
+                self.lmbo_cos[layer, index] = 1.0
+                continue
+            keep = keep_top(kv_scores, budget, w)
+            part = _window_output(module, query, key, value, scaling, w, keep, sliding_window)
+            self.lmbo_cos[layer, index] = torch.nn.functional.cosine_similarity(full, part, dim=-1).mean().item()
 
     def on_layer(self, layer: int, hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> None:
         cos = torch.nn.functional.cosine_similarity(hidden_in[0].float(), hidden_out[0].float(), dim=-1)
@@ -134,6 +254,8 @@ class SignalRecorder:
             attention_rows=np.stack(self.rows),
             hidden_change=np.stack(self.hidden),
             kv_group=self.kv_group,
+            layer_caps=self.caps.copy(),
+            lmbo_cos=self.lmbo_cos,
         )
 
 
@@ -146,10 +268,10 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 @contextlib.contextmanager
-def recording(model: torch.nn.Module, window: int):
+def recording(model: torch.nn.Module, window: int, deep: bool = False, progress: Callable[[int], None] | None = None):
     """Within this block the next prefill of `model` is recorded; yields the SignalRecorder."""
     layers = decoder_layers(model)
-    recorder = SignalRecorder(len(layers), window)
+    recorder = SignalRecorder(len(layers), window, deep=deep, progress=progress)
     handles = []
     for index, layer in enumerate(layers):
 
@@ -166,4 +288,3 @@ def recording(model: torch.nn.Module, window: int):
     finally:
         for handle in handles:
             handle.remove()
-

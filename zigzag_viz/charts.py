@@ -100,3 +100,295 @@ def divergence_html(token_texts: Sequence[str], divergence: int | None, colour: 
         f"<div class='zz-out'>{same}<mark style='background:{colour}33;border-bottom:2px solid {colour};"
         f"padding:0 1px' title='differs from full KV from token {divergence} on'>{rest}</mark></div>"
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Uncertainty and Budgets pages. Pure functions of numpy arrays: no model, no Streamlit.
+
+LMBO_COLOUR = "#33a02c"
+_MODEL_PALETTE = ["#d55e00", "#0072b2", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#8c564b"]
+_MODEL_COLOURS = {"smollm2": "#0072b2", "gemma3": "#d55e00", "tiny": "#7f7f7f"}
+
+
+def model_colour(name: str) -> str:
+    """Colour of a model on every chart: fixed for the embedded models, stable by name for others."""
+    key = name.strip().lower()
+    return _MODEL_COLOURS.get(key, _MODEL_PALETTE[sum(map(ord, key)) % len(_MODEL_PALETTE)])
+
+
+def _layer_ticks(num_layers: int, sliding: np.ndarray | None) -> tuple[list[int], list[str]]:
+    """Tick positions and labels of a layer axis; sliding-window layers are labelled `12 ◂sw`."""
+    sliding = np.zeros(num_layers, dtype=bool) if sliding is None else np.asarray(sliding, dtype=bool)
+    step = 1 if num_layers <= 32 else int(np.ceil(num_layers / 32))
+    ticks = list(range(0, num_layers, step))
+    return ticks, [f"{layer} ◂sw" if sliding[layer] else str(layer) for layer in ticks]
+
+
+def _heatmap_height(num_layers: int) -> int:
+    return int(min(max(320, 20 * num_layers + 150), 1100))
+
+
+def entropy_heatmap(entropy: np.ndarray, kv_group: np.ndarray, normalised: bool = False) -> go.Figure:
+    """Layer × query-head attention entropy.
+
+    entropy: (L, H_q) mean over the window queries, in nats, or in units of log(#visible keys) when
+    `normalised` (then 0 = all mass on one key, 1 = spread evenly). kv_group: (H_q,) KV head each query
+    head reads. Hover shows layer, head, KV group and value.
+    """
+    entropy = np.asarray(entropy, dtype=float)
+    num_layers, num_heads = entropy.shape
+    groups = np.broadcast_to(np.asarray(kv_group)[None, :], entropy.shape)
+    unit = "share of log #keys" if normalised else "nats"
+    fig = go.Figure(go.Heatmap(
+        z=entropy, x=np.arange(num_heads), y=np.arange(num_layers), customdata=groups,
+        colorscale="Viridis", colorbar=dict(title=dict(text=unit, side="right"), thickness=14),
+        zmin=0.0, zmax=1.0 if normalised else None,
+        hovertemplate="layer %{y} · head %{x} · KV group %{customdata}<br>entropy %{z:.3f} " + unit + "<extra></extra>",
+    ))
+    ticks, labels = _layer_ticks(num_layers, None)
+    fig.update_yaxes(title_text="layer", autorange="reversed", tickvals=ticks, ticktext=labels)
+    fig.update_xaxes(title_text="query head", tickvals=list(range(num_heads)), showgrid=False)
+    title = "Attention entropy per head" + (" (normalised by log #keys)" if normalised else " (nats)")
+    return _layout(fig, title, height=_heatmap_height(num_layers))
+
+
+def layer_curves_figure(
+    lmba_heads: np.ndarray, hidden: np.ndarray, tau: float, lmbo: np.ndarray | None = None, threshold: float | None = None,
+) -> go.Figure:
+    """Per-layer uncertainty curves on two stacked panels sharing the layer axis.
+
+    lmba_heads: (L, H_q) minimum attention budget per head as a share of the prompt's tokens (0–1): the mean
+    over heads is drawn as a line, the min–max over heads as a band. lmbo: (L,) optional minimum output
+    budget, same unit. hidden: (L,) hidden-state change 1 − cos(residual in, out), mean over tokens.
+    """
+    lmba_heads = np.asarray(lmba_heads, dtype=float)
+    layers = np.arange(lmba_heads.shape[0])
+    fig = make_subplots(
+        rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1, row_heights=[0.62, 0.38],
+        subplot_titles=("Minimum budget (share of the prompt's tokens)", "Hidden-state change 1 − cos"),
+    )
+    colour = SIGNAL_COLOURS["lmba"]
+    fig.add_trace(go.Scatter(x=layers, y=lmba_heads.max(axis=1), mode="lines", line=dict(width=0), showlegend=False,
+                             hoverinfo="skip", legendgroup="lmba"), row=1, col=1)
+    fig.add_trace(go.Scatter(
+        x=layers, y=lmba_heads.min(axis=1), mode="lines", line=dict(width=0), fill="tonexty",
+        fillcolor="rgba(213,94,0,0.18)", name="LMBA min–max over heads", legendgroup="lmba",
+        hovertemplate="layer %{x}<br>lowest head %{y:.3f}<extra></extra>",
+    ), row=1, col=1)
+    fig.add_trace(go.Scatter(
+        x=layers, y=lmba_heads.mean(axis=1), mode="lines+markers", line=dict(color=colour, width=2.5),
+        name=f"LMBA mean over heads (τ = {tau:g})", legendgroup="lmba",
+        customdata=np.stack([lmba_heads.min(axis=1), lmba_heads.max(axis=1)], axis=1),
+        hovertemplate="layer %{x}<br>LMBA %{y:.3f} (heads %{customdata[0]:.3f}–%{customdata[1]:.3f})<extra></extra>",
+    ), row=1, col=1)
+    if lmbo is not None:
+        label = "LMBO" + (f" (cos ≥ {threshold:g})" if threshold is not None else "")
+        fig.add_trace(go.Scatter(
+            x=layers, y=np.asarray(lmbo, dtype=float), mode="lines+markers", name=label,
+            line=dict(color=LMBO_COLOUR, width=2, dash="dash"), marker=dict(symbol="diamond"),
+            hovertemplate="layer %{x}<br>LMBO %{y:.2f}<extra></extra>",
+        ), row=1, col=1)
+    fig.add_trace(go.Scatter(
+        x=layers, y=np.asarray(hidden, dtype=float), mode="lines+markers", name="hidden-state change",
+        line=dict(color=SIGNAL_COLOURS["hidden"], width=2), hovertemplate="layer %{x}<br>1 − cos %{y:.4f}<extra></extra>",
+    ), row=2, col=1)
+    fig.update_yaxes(title_text="share of tokens", rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(title_text="1 − cos", rangemode="tozero", row=2, col=1)
+    fig.update_xaxes(title_text="layer", tickformat="d", dtick=1 if len(layers) <= 16 else None, row=2, col=1)
+    _layout(fig, "Layer uncertainty", height=_heatmap_height(len(layers)))
+    fig.update_layout(margin=dict(t=110), legend=dict(y=1.08))
+    return fig
+
+
+def token_map_figure(
+    values: np.ndarray, edges: np.ndarray, texts: Sequence[str], title: str, value_label: str,
+    sliding: np.ndarray | None = None, log: bool = False, colorscale: str = "Inferno",
+) -> go.Figure:
+    """Layer × token-bin heatmap with the prompt text of each bin in the hover.
+
+    values: (L, bins) one number per layer and bin (e.g. from `capture.bin_columns`); edges: (bins + 1,) token
+    index where each bin starts, n at the end; texts: (bins,) the text of each bin. With `log`, colour is
+    log10 of the value (zeros left blank) and the hover still shows the value. sliding: (L,) True for
+    sliding-window layers, labelled `◂sw` on the layer axis.
+    """
+    values = np.asarray(values, dtype=float)
+    edges = np.asarray(edges)
+    num_layers, bins = values.shape
+    if len(texts) != bins or len(edges) != bins + 1:
+        raise ValueError(f"{bins} bins need {bins} texts and {bins + 1} edges, got {len(texts)} and {len(edges)}")
+    with np.errstate(divide="ignore"):
+        colour = np.where(values > 0, np.log10(np.where(values > 0, values, 1.0)), np.nan) if log else values
+    ranges = [f"{a}–{b - 1}" if b - a > 1 else f"{a}" for a, b in zip(edges[:-1], edges[1:])]
+    info = np.empty((num_layers, bins, 3), dtype=object)
+    info[:, :, 0] = np.asarray(ranges, dtype=object)[None, :]
+    info[:, :, 1] = np.asarray([t.replace("<", "‹").replace(">", "›") for t in texts], dtype=object)[None, :]
+    info[:, :, 2] = np.vectorize(lambda v: f"{v:.3g}", otypes=[object])(values)
+    colorbar = dict(title=dict(text=("log₁₀ " if log else "") + value_label, side="right"), thickness=14)
+    if log and np.isfinite(colour).any():
+        low, high = int(np.floor(np.nanmin(colour))), int(np.ceil(np.nanmax(colour)))
+        ticks = list(range(low, high + 1))
+        colorbar.update(tickvals=ticks, ticktext=[f"1e{t}" for t in ticks])
+        colorbar["title"]["text"] = value_label
+    centres = (edges[:-1] + edges[1:] - 1) / 2
+    fig = go.Figure(go.Heatmap(
+        z=colour, x=centres, y=np.arange(num_layers), customdata=info, colorscale=colorscale, colorbar=colorbar,
+        hoverongaps=False,
+        hovertemplate="layer %{y} · tokens %{customdata[0]}<br>%{customdata[1]}<br>" + value_label
+        + " %{customdata[2]}<extra></extra>",
+    ))
+    ticks, labels = _layer_ticks(num_layers, sliding)
+    fig.update_yaxes(title_text="layer", autorange="reversed", tickvals=ticks, ticktext=labels)
+    fig.update_xaxes(title_text="prompt token", range=[edges[0] - 0.5, edges[-1] - 0.5], showgrid=False)
+    if sliding is not None and np.any(sliding):
+        title += " · ◂sw = sliding-window layer"
+    return _layout(fig, title, height=_heatmap_height(num_layers))
+
+
+def token_importance_figure(importance: np.ndarray, edges: np.ndarray, texts: Sequence[str],
+                            sliding: np.ndarray | None = None) -> go.Figure:
+    """Which prompt text each layer's window attends to.
+
+    importance: (L, bins) attention mass each token bin receives from the window queries, summed over heads
+    (`capture.bin_columns(analysis.token_importance(), edges)`). Drawn as each layer's share (rows sum to 1),
+    colour on a log scale.
+    """
+    importance = np.asarray(importance, dtype=float)
+    totals = importance.sum(axis=1, keepdims=True)
+    share = np.divide(importance, totals, out=np.zeros_like(importance), where=totals > 0)
+    return token_map_figure(share, edges, texts, "Where each layer's window looks (share of its attention)",
+                            "share", sliding=sliding, log=True)
+
+
+def hidden_change_map_figure(change: np.ndarray, edges: np.ndarray, texts: Sequence[str],
+                             sliding: np.ndarray | None = None) -> go.Figure:
+    """Hidden-state change per layer and token bin. change: (L, bins) mean of 1 − cos(in, out) over each bin's tokens."""
+    return token_map_figure(change, edges, texts, "Hidden-state change per token (1 − cos)", "1 − cos",
+                            sliding=sliding, log=False, colorscale="Blues")
+
+
+def model_lmba_figure(curves: Mapping[str, np.ndarray], tau: float,
+                      sliding: Mapping[str, np.ndarray] | None = None) -> go.Figure:
+    """LMBA per layer of several models on one relative-depth axis (layer / (L − 1)), one colour per model.
+
+    curves: model name → (L_model,) LMBA mean over heads, share of that prompt's tokens (0–1). sliding: model
+    name → (L_model,) True for sliding-window layers, drawn as open markers.
+    """
+    fig = go.Figure()
+    for name, values in curves.items():
+        values = np.asarray(values, dtype=float)
+        num_layers = len(values)
+        depth = np.arange(num_layers) / max(num_layers - 1, 1)
+        open_marker = np.zeros(num_layers, dtype=bool) if not sliding or name not in sliding else np.asarray(sliding[name])
+        fig.add_trace(go.Scatter(
+            x=depth, y=values, mode="lines+markers", name=f"{name} ({num_layers} layers)",
+            line=dict(color=model_colour(name), width=2.5),
+            marker=dict(size=8, symbol=np.where(open_marker, "circle-open", "circle").tolist()),
+            customdata=np.stack([np.arange(num_layers), np.full(num_layers, num_layers - 1)], axis=1),
+            hovertemplate=f"{html.escape(name)}<br>layer %{{customdata[0]}} of 0–%{{customdata[1]}}"
+            "<br>LMBA %{y:.3f}<extra></extra>",
+        ))
+    fig.update_xaxes(title_text="relative depth  layer / (L − 1)", range=[-0.02, 1.02], tickformat=".0%")
+    fig.update_yaxes(title_text=f"LMBA at τ = {tau:g} (share of tokens)", rangemode="tozero")
+    return _layout(fig, "The zig-zag differs by model: LMBA against relative depth")
+
+
+def layer_budgets_figure(curves: Mapping[str, Sequence[int]], signal: np.ndarray, signal_name: str,
+                         caps: np.ndarray, window: int) -> go.Figure:
+    """Two panels over layers: the uncertainty share u_l = s_l / Σ s (bars, top) and the tokens each rule keeps.
+
+    curves: method → (L,) tokens kept per layer; signal: (L,) per-layer uncertainty s_l ≥ 0 in its own unit;
+    caps: (L,) most tokens each layer can hold (the prompt length, or its sliding window); window: tokens
+    always kept.
+    """
+    signal = np.asarray(signal, dtype=float)
+    caps = np.asarray(caps)
+    layers = np.arange(len(signal))
+    share = signal / signal.sum() if signal.sum() > 0 else np.full(len(signal), 1 / max(len(signal), 1))
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.3, 0.7],
+                        subplot_titles=(f"Uncertainty share u_l from {signal_name}", "Tokens kept per layer"))
+    fig.add_trace(go.Bar(x=layers, y=share, marker_color=SIGNAL_COLOURS.get(signal_name, LMBO_COLOUR), name=signal_name,
+                         showlegend=False, customdata=signal,
+                         hovertemplate="layer %{x}<br>u = %{y:.3f}<br>" + signal_name + " %{customdata:.4g}<extra></extra>"),
+                  row=1, col=1)
+    for name, budgets in curves.items():
+        budgets = np.asarray(budgets)
+        fig.add_trace(go.Scatter(
+            x=layers, y=budgets, mode="lines+markers", name=name, line=dict(color=method_colour(name), width=2.5),
+            customdata=budgets / np.maximum(caps, 1),
+            hovertemplate="layer %{x}<br>%{y} tokens (%{customdata:.0%} of the layer)<extra>" + name + "</extra>",
+        ), row=2, col=1)
+    fig.add_trace(go.Scatter(x=layers, y=caps, mode="lines", line=dict(color="#999", dash="dot", shape="hvh"),
+                             name="most a layer holds", hovertemplate="layer %{x}<br>holds at most %{y}<extra></extra>"),
+                  row=2, col=1)
+    fig.add_trace(go.Scatter(x=layers, y=np.minimum(window, caps), mode="lines",
+                             line=dict(color="#bbb", dash="dash", shape="hvh"), name=f"window w = {window}",
+                             hovertemplate="layer %{x}<br>always kept %{y}<extra></extra>"), row=2, col=1)
+    fig.update_yaxes(title_text="u_l", rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(title_text="tokens kept", rangemode="tozero", row=2, col=1)
+    fig.update_xaxes(title_text="layer", tickformat="d", dtick=1 if len(layers) <= 16 else None, row=2, col=1)
+    _layout(fig, "Budget per layer", height=560)
+    fig.update_layout(margin=dict(t=100), legend=dict(y=1.06))
+    return fig
+
+
+def kv_cache_bytes(tokens_per_layer: Sequence[int], num_kv_heads: int, head_dim: int, bytes_per_element: float) -> int:
+    """Bytes of a KV cache holding tokens_per_layer[l] entries in layer l: Σ_l tokens_l × 2 (K and V) × H_kv × d × size."""
+    tokens = np.asarray(tokens_per_layer, dtype=np.int64)
+    if tokens.ndim != 1 or np.any(tokens < 0):
+        raise ValueError("tokens_per_layer must be one non-negative count per layer")
+    return int(round(int(tokens.sum()) * 2 * int(num_kv_heads) * int(head_dim) * float(bytes_per_element)))
+
+
+def kv_bytes_table(curves: Mapping[str, Sequence[int]], caps: Sequence[int], num_kv_heads: int, head_dim: int,
+                   bytes_per_element: float):
+    """One row per method plus `full` (every layer holding its cap): tokens held, KV bytes, MiB, share of full."""
+    import pandas as pd
+
+    full = kv_cache_bytes(caps, num_kv_heads, head_dim, bytes_per_element)
+    rows = [("full", int(np.sum(caps)), full)] + [
+        (name, int(np.sum(b)), kv_cache_bytes(b, num_kv_heads, head_dim, bytes_per_element)) for name, b in curves.items()
+    ]
+    return pd.DataFrame({
+        "method": [r[0] for r in rows],
+        "tokens_held": [r[1] for r in rows],
+        "kv_bytes": [r[2] for r in rows],
+        "kv_mib": [round(r[2] / 2**20, 4) for r in rows],
+        "fraction_of_full": [round(r[2] / full, 4) if full else 0.0 for r in rows],
+    })
+
+
+def layer_signals_table(entropy: np.ndarray, entropy_norm: np.ndarray, lmba_heads: np.ndarray, hidden: np.ndarray,
+                        caps: np.ndarray, n_tokens: int, lmbo: np.ndarray | None = None):
+    """Per-layer signals as a dataframe: entropy (nats) and normalised entropy, means over heads of (L, H_q);
+    LMBA mean, min and max over heads (share of tokens); hidden change (L,); LMBO (L,) when given; cap and
+    whether the layer is a sliding-window layer."""
+    import pandas as pd
+
+    lmba_heads = np.asarray(lmba_heads, dtype=float)
+    frame = pd.DataFrame({
+        "layer": np.arange(len(caps)),
+        "entropy": np.asarray(entropy, dtype=float).mean(axis=1).round(5),
+        "entropy_norm": np.asarray(entropy_norm, dtype=float).mean(axis=1).round(5),
+        "lmba": lmba_heads.mean(axis=1).round(5),
+        "lmba_min_head": lmba_heads.min(axis=1).round(5),
+        "lmba_max_head": lmba_heads.max(axis=1).round(5),
+        "hidden_change": np.asarray(hidden, dtype=float).round(6),
+    })
+    if lmbo is not None:
+        frame["lmbo"] = np.asarray(lmbo, dtype=float)
+    frame["cap"] = np.asarray(caps, dtype=np.int64)
+    frame["sliding"] = frame["cap"] < n_tokens
+    return frame
+
+
+def layer_budgets_table(curves: Mapping[str, Sequence[int]], signal: np.ndarray, signal_name: str, caps: np.ndarray):
+    """Per layer: the uncertainty signal s_l, its share u_l, the cap and the tokens each rule keeps."""
+    import pandas as pd
+
+    signal = np.asarray(signal, dtype=float)
+    share = signal / signal.sum() if signal.sum() > 0 else np.full(len(signal), 1 / max(len(signal), 1))
+    frame = pd.DataFrame({"layer": np.arange(len(signal)), signal_name: signal.round(6), "share_u": share.round(5),
+                          "cap": np.asarray(caps, dtype=np.int64)})
+    for name, budgets in curves.items():
+        frame[name] = np.asarray(budgets, dtype=np.int64)
+    return frame

@@ -6,11 +6,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-import numpy as np
-
 from . import cache as kvcache
 from . import runtime
-from .budgets import average_budget, check_feasible
+from .budgets import average_budget
 from .capture import PromptAnalysis
 from .methods import CompressionContext, CompressionMethod, parse_specs
 from .metrics import first_divergence, kv_fraction, task_score, token_agreement
@@ -93,7 +91,7 @@ def compare(
         raise ValueError("max_new_tokens must lie in [1, 4096]")
     input_ids = loaded.encode(prompt)
     n = input_ids.shape[1]
-    check_feasible(loaded.num_layers, average_budget(budget, n), n, window)
+    average_budget(budget, n)
 
     _report(progress, 0.0, f"prefill of {n} tokens")
     pre = runtime.prefill(loaded, input_ids, window)
@@ -115,7 +113,8 @@ def compare(
     for index, method in enumerate(methods):
         _report(progress, (index + 1) / steps, f"{method.spec}: compress and decode")
         if method.name == "full":
-            tokens, held, budgets, compress_s, decode_s = reference, full_bytes, np.full(loaded.num_layers, n), 0.0, reference_s
+            tokens, held, compress_s, decode_s = reference, full_bytes, 0.0, reference_s
+            budgets = kvcache.layer_lengths(pre.cache)
         else:
             cache = kvcache.clone(pre.cache)
             started = time.perf_counter()

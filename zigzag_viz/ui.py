@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from . import runtime
+from .capture import PromptAnalysis
 from .errors import UserError
 from .methods import METHODS, CompressionMethod, Parameter
 from .models import EMBEDDED_MODELS, LoadedModel, load_model
@@ -108,3 +111,86 @@ def page_style() -> None:
         unsafe_allow_html=True,
     )
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Analysis shared by the Uncertainty and Budgets pages: one prefill per (model, prompt, window, deep), cached.
+
+
+@dataclass(frozen=True)
+class AnalysisResult:
+    """What the pages need from one analysed prompt; small and picklable (no model, no cache tensors)."""
+
+    model: str
+    device: str
+    analysis: PromptAnalysis
+    token_texts: list[str]
+    prefill_s: float
+    num_kv_heads: int
+    head_dim: int
+    bytes_per_element: int
+    deep: bool
+
+    @property
+    def n_tokens(self) -> int:
+        return self.analysis.n_tokens
+
+
+def _head_dim(config) -> int:
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+@st.cache_data(max_entries=12, show_spinner=False)
+def cached_analysis(model_name: str, prompt: str, window: int, deep: bool = False) -> AnalysisResult:
+    """Prefill `prompt` on `model_name` once and keep its signals (per server, at most 12 prompts).
+
+    The per-layer progress bar is created and cleared inside this function, so a cache hit replays
+    nothing visible; a failure raises (nothing is cached) and the caller shows the message.
+    """
+    loaded = cached_model(model_name)
+    ids = loaded.encode(prompt)
+    what = "attention, hidden states and LMBO" if deep else "attention and hidden states"
+    bar = st.progress(0.0, text=f"prefill of {ids.shape[1]} tokens, recording {what}")
+
+    def progress(layer: int) -> None:
+        bar.progress((layer + 1) / loaded.num_layers, text=f"layer {layer + 1} of {loaded.num_layers}")
+
+    pre = runtime.prefill(loaded, ids, int(window), deep=bool(deep), progress=progress)
+    bar.empty()
+    return AnalysisResult(
+        model=model_name,
+        device=str(loaded.device),
+        analysis=pre.analysis,
+        token_texts=loaded.token_texts(ids[0].tolist()),
+        prefill_s=pre.seconds,
+        num_kv_heads=loaded.num_kv_heads,
+        head_dim=_head_dim(loaded.config),
+        bytes_per_element=loaded.dtype.itemsize,
+        deep=bool(deep),
+    )
+
+
+def analyse(model_name: str, prompt: str, window: int, deep: bool = False) -> AnalysisResult | None:
+    """`cached_analysis` inside a status box; a warning or an error (never a traceback) when it cannot run."""
+    if not model_name:
+        st.warning("Type a model folder or a cached model id.")
+        return None
+    if not prompt or not prompt.strip():
+        st.warning("The prompt is empty: type some text or keep the example.")
+        return None
+    label = f"Analysing the prompt on {model_name}" + (" with LMBO (one compressed pass per layer and budget)" if deep else "")
+    with st.status(label + "…", expanded=True) as status:
+        st.write("loading the model (once per server)")
+        loaded = run_safely(lambda: cached_model(model_name), "Loading the model")
+        result = loaded and run_safely(lambda: cached_analysis(model_name, prompt, int(window), bool(deep)), "Analysis")
+        if result:
+            status.update(label=f"Analysed {result.n_tokens} tokens on {model_name} in {result.prefill_s:.2f} s",
+                          state="complete", expanded=False)
+        else:
+            status.update(label="Stopped: see the message below", state="error", expanded=True)
+    return result or None
+
+
+def default_comparison_models() -> list[str]:
+    """The two models the cross-model view starts with: SmolLM2 and Gemma 3 when embedded, else SmolLM2 and tiny."""
+    return ["smollm2", "gemma3"] if "gemma3" in EMBEDDED_MODELS else ["smollm2", "tiny"]

@@ -105,15 +105,16 @@ class TokenBudgetMethod(CompressionMethod):
         """(L,) integer tokens kept per layer."""
 
     def scores(self, cache, layer: int, context: CompressionContext) -> torch.Tensor:
-        """(H_kv, n) keep-scores of one layer's tokens."""
+        """(H_kv, held) keep-scores of the tokens one layer's cache holds (the last `held` of the prompt)."""
         keys = kvcache.layer_keys(cache, layer)
-        window_scores = torch.from_numpy(context.analysis.kv_scores(layer)).to(keys.device)
+        held = keys.shape[-2]
+        window_scores = torch.from_numpy(context.analysis.kv_scores(layer)[:, -held:]).to(keys.device)
         return SELECTORS[self.params["select"]](window_scores, keys)
 
     def compress(self, cache, context: CompressionContext) -> CompressionReport:
         budgets = self.layer_budgets(context)
         for layer, budget in enumerate(budgets):
-            if budget < context.analysis.n_tokens:
+            if budget < kvcache.layer_lengths(cache)[layer]:
                 keep = keep_top(self.scores(cache, layer, context), int(budget), context.analysis.window)
                 kvcache.evict(cache, layer, keep)
         return CompressionReport(layer_budgets=np.asarray(budgets))

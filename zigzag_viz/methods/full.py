@@ -11,5 +11,4 @@ class FullKV(CompressionMethod):
     summary = "no compression (the reference every method is compared with)"
 
     def compress(self, cache, context) -> CompressionReport:
-        n = context.analysis.n_tokens
-        return CompressionReport(layer_budgets=np.full(context.analysis.num_layers, n))
+        return CompressionReport(layer_budgets=np.asarray(context.analysis.layer_caps))

@@ -16,4 +16,4 @@ class Pyramid(TokenBudgetMethod):
 
     def layer_budgets(self, context):
         a = context.analysis
-        return pyramid_budgets(a.num_layers, context.avg_budget, a.n_tokens, a.window, beta=self.params["beta"])
+        return pyramid_budgets(a.num_layers, context.avg_budget, a.n_tokens, a.window, beta=self.params["beta"], caps=a.layer_caps)

@@ -13,4 +13,4 @@ class Uniform(TokenBudgetMethod):
 
     def layer_budgets(self, context):
         a = context.analysis
-        return uniform_budgets(a.num_layers, context.avg_budget, a.n_tokens, a.window)
+        return uniform_budgets(a.num_layers, context.avg_budget, a.n_tokens, a.window, caps=a.layer_caps)

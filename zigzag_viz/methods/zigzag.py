@@ -20,4 +20,4 @@ class ZigZag(TokenBudgetMethod):
     def layer_budgets(self, context):
         a = context.analysis
         signal = a.layer_signal(self.params["signal"], tau=self.params["tau"])
-        return zigzag_budgets(signal, context.avg_budget, a.n_tokens, a.window, rho=self.params["rho"])
+        return zigzag_budgets(signal, context.avg_budget, a.n_tokens, a.window, rho=self.params["rho"], caps=a.layer_caps)

@@ -1,0 +1,93 @@
+"""Budgets: how ZigZag, PyramidKV and uniform split one total KV budget over the layers, and the bytes each keeps."""
+
+import numpy as np
+import streamlit as st
+
+from zigzag_viz import budgets, capture, charts, ui
+from zigzag_viz.prompts import example_prompt
+
+st.set_page_config(page_title="Budgets · zigzag_viz", page_icon=":material/tune:", layout="wide")
+ui.page_style()
+st.title("Per-layer budgets")
+st.caption(
+    "Analyse a prompt once; every slider below only re-runs the budget rules (pure arithmetic on the recorded "
+    "signals), never the model."
+)
+
+ELEMENT_SIZES = {"float32 (4 B)": 4, "bfloat16 / float16 (2 B)": 2, "8-bit (1 B)": 1}
+
+with st.sidebar:
+    st.header("Analysis")
+    model_name = ui.model_picker()
+    window = st.number_input("Observation window w (tokens)", min_value=1, max_value=4096, value=32,
+                             help="The last w queries score the tokens and the last w tokens are always kept; "
+                                  "fixed by the analysis")
+    deep = st.checkbox("Compute LMBO (deep, slower)", value=False,
+                       help="Adds the output-view signal LMBO: about a minute for 1K tokens on SmolLM2 on a CPU")
+
+prompt = st.text_area("Prompt", value=example_prompt().text, height=150,
+                      help="A pass key hidden in varied prose, by default")
+if st.button("Analyze", type="primary"):
+    result = ui.analyse(model_name, prompt, int(window), deep)
+    if result is not None:
+        st.session_state["budgets_analysis"] = result
+        st.session_state.pop("budgets_curves", None)
+
+if "budgets_analysis" not in st.session_state:
+    st.info("Press **Analyze** to prefill the prompt once; then move the sliders.")
+    st.stop()
+
+
+@st.fragment
+def budget_panel() -> None:
+    """Sliders and everything drawn from them: reruns alone, from the analysis kept in session_state."""
+    result: ui.AnalysisResult = st.session_state["budgets_analysis"]
+    analysis = result.analysis
+    n, w, caps = analysis.n_tokens, analysis.window, analysis.layer_caps
+    low, _ = budgets.bounds(analysis.num_layers, n, w, caps)
+    smallest = low.sum() / (analysis.num_layers * n)
+    st.caption(
+        f"{result.model} on {result.device} · {n} prompt tokens · {analysis.num_layers} layers · window w = {w} "
+        f"(fixed by the analysis) · smallest feasible kept fraction ≈ {smallest:.3f}"
+    )
+    signals = ["lmba", "entropy", "hidden"] + (["lmbo"] if analysis.lmbo_cos is not None else [])
+    col_a, col_b, col_c = st.columns(3)
+    with col_a:
+        fraction = st.slider("Kept fraction", 0.05, 1.0, 0.2, 0.01, help="Average share of the prompt each layer keeps")
+        signal_name = st.radio("ZigZag signal", signals, horizontal=True,
+                               help="Per-layer uncertainty s_l that ZigZag shares the budget by (lmbo needs the deep analysis)")
+    with col_b:
+        rho = st.slider("ρ (ZigZag floor share)", 0.0, 1.0, 0.2, 0.01,
+                        help="Share of the average budget every layer gets before the uncertainty split")
+        tau = st.slider("τ for LMBA", 0.50, 0.99, 0.90, 0.01, disabled=signal_name != "lmba")
+    with col_c:
+        beta = st.slider("β (PyramidKV)", 1.0, 100.0, 20.0, 1.0, help="Last layer keeps B_avg/β")
+        sizes = list(ELEMENT_SIZES)
+        default = next((i for i, s in enumerate(sizes) if ELEMENT_SIZES[s] == result.bytes_per_element), 0)
+        size = st.selectbox("KV element size", sizes, index=default,
+                            help=f"{result.model} runs in {result.bytes_per_element} B per element here")
+    threshold = capture.LMBO_THRESHOLD
+    if signal_name == "lmbo":
+        threshold = st.slider("LMBO cos threshold", 0.90, 0.999, capture.LMBO_THRESHOLD, 0.001, format="%.3f")
+
+    signal = analysis.layer_signal(signal_name, tau=tau, threshold=threshold)
+    curves = ui.run_safely(lambda: budgets.budget_curves(signal, fraction, n, w, rho=rho, beta=beta, caps=caps),
+                           "Budgets")
+    if curves is None:
+        st.session_state["budgets_curves"] = None
+        return
+    st.session_state["budgets_curves"] = {name: np.asarray(b).tolist() for name, b in curves.items()}
+    bytes_table = charts.kv_bytes_table(curves, caps, result.num_kv_heads, result.head_dim, ELEMENT_SIZES[size])
+    left, right = st.columns([3, 2])
+    with left:
+        ui.show_figure(charts.layer_budgets_figure(curves, signal, signal_name, caps, w), "budget per layer")
+    with right:
+        ui.show_figure(charts.kv_bytes_figure(bytes_table["method"].tolist(), bytes_table["kv_bytes"].tolist()),
+                       "KV bytes per method")
+        st.caption(f"bytes = tokens × 2 (K, V) × {result.num_kv_heads} KV heads × {result.head_dim} dims × "
+                   f"{ELEMENT_SIZES[size]} B, summed over layers")
+        ui.show_table(bytes_table, "KV bytes")
+    ui.show_table(charts.layer_budgets_table(curves, signal, signal_name, caps), "budgets per layer")
+
+
+budget_panel()

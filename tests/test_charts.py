@@ -1,0 +1,104 @@
+"""Pure chart builders and the KV-bytes arithmetic of the Uncertainty and Budgets pages."""
+
+import numpy as np
+import pytest
+
+from zigzag_viz import capture, charts
+
+
+def test_kv_cache_bytes_is_tokens_times_two_heads_dims_and_element_size():
+    # SmolLM2 shapes: 3 KV heads of 64 dims; float32
+    assert charts.kv_cache_bytes([10, 20, 30], num_kv_heads=3, head_dim=64, bytes_per_element=4) == 60 * 2 * 3 * 64 * 4
+    assert charts.kv_cache_bytes(np.array([0, 0]), 8, 128, 2) == 0
+    with pytest.raises(ValueError):
+        charts.kv_cache_bytes([-1, 2], 1, 1, 1)
+
+
+def test_kv_bytes_table_reports_share_of_full():
+    curves = {"zigzag": np.array([50, 150]), "uniform": np.array([100, 100])}
+    table = charts.kv_bytes_table(curves, caps=[400, 400], num_kv_heads=2, head_dim=16, bytes_per_element=2)
+    assert list(table["method"]) == ["full", "zigzag", "uniform"]
+    assert list(table["tokens_held"]) == [800, 200, 200]
+    assert table["kv_bytes"][0] == 800 * 2 * 2 * 16 * 2
+    assert list(table["fraction_of_full"]) == [1.0, 0.25, 0.25]
+
+
+def test_entropy_heatmap_hover_carries_the_kv_group():
+    entropy = np.arange(12, dtype=float).reshape(3, 4)
+    fig = charts.entropy_heatmap(entropy, np.array([0, 0, 1, 1]))
+    trace = fig.data[0]
+    assert np.asarray(trace.z).shape == (3, 4)
+    assert np.asarray(trace.customdata).tolist() == [[0, 0, 1, 1]] * 3
+    assert "KV group" in trace.hovertemplate and "nats" in trace.hovertemplate
+    assert "normalised" in charts.entropy_heatmap(entropy / 12, np.zeros(4), normalised=True).layout.title.text
+
+
+def test_layer_curves_draw_band_mean_lmbo_and_hidden():
+    lmba = np.array([[0.1, 0.3], [0.2, 0.4], [0.5, 0.5]])
+    fig = charts.layer_curves_figure(lmba, np.array([0.01, 0.02, 0.03]), 0.9)
+    names = [t.name for t in fig.data]
+    assert any("min–max" in (n or "") for n in names)
+    mean = next(t for t in fig.data if (t.name or "").startswith("LMBA mean"))
+    assert np.allclose(mean.y, [0.2, 0.3, 0.5])
+    with_lmbo = charts.layer_curves_figure(lmba, np.zeros(3), 0.9, lmbo=np.array([0.1, 1.0, 0.5]), threshold=0.99)
+    assert len(with_lmbo.data) == len(fig.data) + 1
+
+
+def test_token_map_bins_text_and_sliding_layers():
+    n = 1000
+    rng = np.random.default_rng(0)
+    importance = rng.random((3, n))
+    edges = capture.bin_edges(n, 512)
+    texts = capture.bin_texts([f"t{i} " for i in range(n)], edges)
+    binned = capture.bin_columns(importance, edges)
+    fig = charts.token_importance_figure(binned, edges, texts, sliding=np.array([True, False, False]))
+    trace = fig.data[0]
+    assert np.asarray(trace.z).shape == (3, len(edges) - 1)
+    custom = np.asarray(trace.customdata)
+    assert custom.shape == (3, len(edges) - 1, 3)
+    assert custom[1, 0, 1] == texts[0] and custom[0, 0, 0] == "0–1"
+    # colour is log10 of each layer's share: rows of 10**z sum to 1
+    assert np.allclose((10 ** np.asarray(trace.z, dtype=float)).sum(axis=1), 1.0)
+    assert fig.layout.yaxis.ticktext[0].endswith("◂sw") and not fig.layout.yaxis.ticktext[1].endswith("◂sw")
+    with pytest.raises(ValueError):
+        charts.token_map_figure(binned, edges, texts[:-1], "x", "y")
+
+
+def test_hidden_change_map_keeps_values_and_blank_for_zero_importance():
+    edges = np.array([0, 2, 4])
+    fig = charts.hidden_change_map_figure(np.array([[0.1, 0.2], [0.3, 0.4]]), edges, ["ab", "cd"])
+    assert np.allclose(fig.data[0].z, [[0.1, 0.2], [0.3, 0.4]])
+    share = charts.token_importance_figure(np.array([[1.0, 0.0]]), edges, ["ab", "cd"])
+    assert np.isnan(np.asarray(share.data[0].z, dtype=float)[0, 1])
+
+
+def test_model_lmba_figure_uses_relative_depth_and_model_colours():
+    fig = charts.model_lmba_figure({"smollm2": np.linspace(0.5, 0.1, 30), "gemma3": np.linspace(0.2, 0.3, 18)}, 0.9,
+                                   sliding={"gemma3": np.arange(18) % 6 != 5})
+    assert [t.line.color for t in fig.data] == [charts.model_colour("smollm2"), charts.model_colour("gemma3")]
+    assert len({t.line.color for t in fig.data}) == 2
+    for trace in fig.data:
+        assert trace.x[0] == 0 and trace.x[-1] == 1
+    assert "circle-open" in fig.data[1].marker.symbol and "circle-open" not in fig.data[0].marker.symbol
+
+
+def test_layer_budgets_figure_and_table_use_method_colours():
+    curves = {"zigzag": np.array([100, 50, 30]), "pyramid": np.array([120, 40, 20]), "uniform": np.array([60, 60, 60])}
+    signal = np.array([0.5, 0.3, 0.2])
+    fig = charts.layer_budgets_figure(curves, signal, "lmba", np.array([400, 400, 128]), 32)
+    colours = {t.name: t.line.color for t in fig.data if t.type == "scatter"}
+    for method in curves:
+        assert colours[method] == charts.method_colour(method)
+    assert np.allclose(fig.data[0].y, signal / signal.sum())
+    table = charts.layer_budgets_table(curves, signal, "lmba", np.array([400, 400, 128]))
+    assert list(table.columns) == ["layer", "lmba", "share_u", "cap", "zigzag", "pyramid", "uniform"]
+    assert table["zigzag"].tolist() == [100, 50, 30]
+
+
+def test_layer_signals_table_columns_and_sliding():
+    table = charts.layer_signals_table(np.ones((2, 3)), np.full((2, 3), 0.5), np.array([[0.1, 0.2, 0.3]] * 2),
+                                       np.array([0.01, 0.02]), np.array([100, 50]), 100, lmbo=np.array([0.2, 1.0]))
+    assert list(table.columns) == ["layer", "entropy", "entropy_norm", "lmba", "lmba_min_head", "lmba_max_head",
+                                   "hidden_change", "lmbo", "cap", "sliding"]
+    assert table["sliding"].tolist() == [False, True]
+    assert table["lmba"].tolist() == pytest.approx([0.2, 0.2])

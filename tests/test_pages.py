@@ -1,0 +1,156 @@
+"""The Uncertainty and Budgets pages driven by Streamlit's AppTest on the tiny model (no browser)."""
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from zigzag_viz import ui
+
+ROOT = Path(__file__).resolve().parents[1]
+UNCERTAINTY = str(ROOT / "pages" / "2_Uncertainty.py")
+BUDGETS = str(ROOT / "pages" / "3_Budgets.py")
+
+
+def _open(page: str, model: str = "tiny") -> AppTest:
+    at = AppTest.from_file(page, default_timeout=120)
+    at.run()
+    at.selectbox(key="model").set_value(model).run()
+    return at
+
+
+def _button(at: AppTest, label: str):
+    return next(b for b in at.button if b.label == label)
+
+
+def _slider(at: AppTest, label: str):
+    return next(s for s in at.slider if s.label == label)
+
+
+def _no_traceback(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def _messages(at: AppTest) -> str:
+    return " ".join(str(e.value) for e in list(at.error) + list(at.warning))
+
+
+def _analysed(page: str, window: int | None = None) -> AppTest:
+    at = _open(page)
+    if window is not None:
+        next(n for n in at.number_input if n.label.startswith("Observation window")).set_value(window)
+    _button(at, "Analyze").click().run()
+    _no_traceback(at)
+    return at
+
+
+def test_uncertainty_page_draws_every_figure_and_the_table():
+    at = _open(UNCERTAINTY)
+    assert "Press **Analyze**" in at.info[0].value
+    _button(at, "Analyze").click().run()
+    _no_traceback(at)
+    assert not at.error, _messages(at)
+    # entropy heatmap, layer curves, token importance map, hidden-change map
+    assert len(at.get("plotly_chart")) == 4
+    table = at.dataframe[0].value
+    assert list(table["layer"]) == [0, 1, 2, 3]
+    assert {"entropy", "entropy_norm", "lmba", "hidden_change", "cap"} <= set(table.columns)
+    assert "lmbo" not in table.columns
+    assert isinstance(at.session_state["uncertainty"], ui.AnalysisResult)
+
+    # display options redraw from the stored analysis
+    at.toggle[0].set_value(True).run()
+    _slider(at, "τ for LMBA").set_value(0.6).run()
+    _no_traceback(at)
+    assert len(at.get("plotly_chart")) == 4
+    assert (at.dataframe[0].value["lmba"] < table["lmba"]).all()
+
+    # the cross-model view on the tiny model adds one more chart
+    at.multiselect[0].set_value(["tiny"]).run()
+    _button(at, "Compare models").click().run()
+    _no_traceback(at)
+    assert len(at.get("plotly_chart")) == 5
+    assert list(at.session_state["uncertainty_models"]) == ["tiny"]
+
+
+def test_uncertainty_page_with_lmbo_adds_the_column():
+    at = _open(UNCERTAINTY)
+    at.checkbox[0].check().run()
+    at.text_area[0].set_value("The pass key is 41234. Remember it. " * 6 + "What is the pass key?").run()
+    _button(at, "Analyze").click().run()
+    _no_traceback(at)
+    table = at.dataframe[0].value
+    assert "lmbo" in table.columns
+    assert ((table["lmbo"] > 0) & (table["lmbo"] <= 1)).all()
+
+
+@pytest.mark.parametrize("page", [UNCERTAINTY, BUDGETS])
+def test_empty_prompt_is_a_message_not_a_traceback(page):
+    at = _open(page)
+    at.text_area[0].set_value("   ").run()
+    _button(at, "Analyze").click().run()
+    _no_traceback(at)
+    assert "prompt is empty" in _messages(at)
+    assert not at.get("plotly_chart")
+
+
+def test_binary_prompt_is_an_error_not_a_traceback():
+    at = _open(UNCERTAINTY)
+    at.text_area[0].set_value("abc\x00def").run()
+    _button(at, "Analyze").click().run()
+    _no_traceback(at)
+    assert "not text" in " ".join(e.value for e in at.error)
+
+
+def test_budgets_page_sliders_recompute_without_the_model(monkeypatch):
+    at = _analysed(BUDGETS)
+    assert not at.error, _messages(at)
+    assert len(at.get("plotly_chart")) == 2  # budgets per layer, KV bytes per method
+    before = at.session_state["budgets_curves"]
+    per_layer = at.dataframe[1].value
+    assert set(per_layer.columns) >= {"layer", "zigzag", "pyramid", "uniform", "cap"}
+    bytes_before = at.dataframe[0].value.set_index("method")["kv_bytes"]
+    assert bytes_before["full"] > bytes_before["uniform"] > 0
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a slider touched the model")
+
+    monkeypatch.setattr(ui.runtime, "prefill", no_model)
+    monkeypatch.setattr(ui, "load_model", no_model)
+
+    _slider(at, "Kept fraction").set_value(0.5).run()
+    _no_traceback(at)
+    after = at.session_state["budgets_curves"]
+    assert sum(after["uniform"]) > sum(before["uniform"])
+    bytes_after = at.dataframe[0].value.set_index("method")["kv_bytes"]
+    assert bytes_after["zigzag"] > bytes_before["zigzag"]
+    assert bytes_after["full"] == bytes_before["full"]
+
+    at.radio[0].set_value("hidden").run()
+    zigzag_hidden = at.session_state["budgets_curves"]["zigzag"]
+    _slider(at, "ρ (ZigZag floor share)").set_value(0.9).run()
+    assert at.session_state["budgets_curves"]["zigzag"] != zigzag_hidden
+    pyramid = at.session_state["budgets_curves"]["pyramid"]
+    _slider(at, "β (PyramidKV)").set_value(2.0).run()
+    assert at.session_state["budgets_curves"]["pyramid"] != pyramid
+    assert list(at.dataframe[1].value["pyramid"]) == at.session_state["budgets_curves"]["pyramid"]
+    _no_traceback(at)
+    assert not at.error
+
+
+def test_budgets_page_budget_below_the_window_is_a_message():
+    at = _analysed(BUDGETS, window=512)
+    assert "window w = 512" in " ".join(c.value for c in at.caption)
+    _slider(at, "Kept fraction").set_value(0.05).run()
+    _no_traceback(at)
+    assert "below the always-kept window" in " ".join(e.value for e in at.error)
+    assert at.session_state["budgets_curves"] is None
+    assert not at.get("plotly_chart")
+    _slider(at, "Kept fraction").set_value(0.9).run()
+    assert not at.error and len(at.get("plotly_chart")) == 2
+
+
+def test_default_comparison_models_are_embedded():
+    models = ui.default_comparison_models()
+    assert len(models) == 2 and models[0] == "smollm2"
+    assert set(models) <= set(ui.EMBEDDED_MODELS)
