@@ -81,3 +81,27 @@ def test_bad_input_exits_non_zero_with_one_line(args, stdin, message):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr
     assert message in lines[0] and "Traceback" not in out.stderr
+
+
+def test_analyze_adds_heads_tokens_and_lmbo_without_changing_the_contract(prompt_file):
+    path, _ = prompt_file
+    out = run_cli("analyze", "--model", "tiny", "--prompt-file", str(path), "--window", "16", "--json",
+                  "--heads", "--tokens", "--deep", "--signal", "lmbo", "--budget", "0.3")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    n = data["n_tokens"]
+    assert {"model", "n_tokens", "layers", "budgets"} <= set(data)
+    assert all(0 < layer["lmbo"] <= 1 for layer in data["layers"])
+    assert len(data["heads"]["entropy"]) == 4 and len(data["heads"]["entropy"][0]) == 4
+    assert data["heads"]["kv_group"] == [0, 0, 1, 1]
+    bins = len(data["tokens"]["bin_texts"])
+    assert bins == min(n, 512) and len(data["tokens"]["importance"][0]) == bins
+    assert data["tokens"]["bin_edges"][-1] == n
+    assert sum(data["budgets"]["zigzag"]) == round(4 * 0.3 * n)
+    assert len(data["lmbo_cos"]) == 4 and len(data["lmbo_cos"][0]) == len(data["lmbo_grid"])
+
+
+def test_lmbo_signal_needs_the_deep_capture(prompt_file):
+    path, _ = prompt_file
+    out = run_cli("analyze", "--model", "tiny", "--prompt-file", str(path), "--signal", "lmbo")
+    assert out.returncode == 2 and "--signal lmbo needs --deep" in out.stderr

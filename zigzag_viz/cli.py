@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from .capture import SIGNALS
 from .errors import InputError, UserError
 
 DEFAULT_METHODS = "full,zigzag,pyramid,uniform"
@@ -84,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = commands.add_parser("analyze", help="per-layer uncertainty signals and budgets")
     common(analyze)
     analyze.add_argument("--tau", type=_fraction, default=0.9, help="attention mass LMBA must cover")
+    analyze.add_argument("--signal", choices=SIGNALS, default="lmba", help="layer uncertainty behind ZigZag budgets")
+    analyze.add_argument("--heads", action="store_true", help="add per-head entropy and LMBA, and the GQA grouping")
+    analyze.add_argument("--tokens", action="store_true", help="add the layer × token map (≤ 512 bins, with their text)")
+    analyze.add_argument("--deep", action="store_true", help="add LMBO, the output-view minimum budget (slower)")
 
     compare = commands.add_parser("compare", help="full KV against compressed caches")
     common(compare)
@@ -98,24 +103,54 @@ def build_parser() -> argparse.ArgumentParser:
 def run_analyze(args) -> dict:
     from . import runtime
     from .budgets import budget_curves
+    from .capture import LMBO_GRID, bin_columns, bin_edges, bin_texts
     from .models import load_model
 
     text = read_prompt(args.prompt_file)
     loaded = load_model(args.model)
-    pre = runtime.prefill(loaded, loaded.encode(text), args.window)
+    if args.signal == "lmbo" and not args.deep:
+        raise InputError("--signal lmbo needs --deep")
+    ids = loaded.encode(text)
+    pre = runtime.prefill(loaded, ids, args.window, deep=args.deep)
     a = pre.analysis
-    entropy, lmba, hidden = a.layer_signal("entropy"), a.layer_signal("lmba", args.tau), a.layer_signal("hidden")
-    return {
+    signals = {name: a.layer_signal(name, tau=args.tau) for name in ("entropy", "lmba", "hidden")}
+    if args.deep:
+        signals["lmbo"] = a.lmbo()
+    layers = []
+    for i in range(a.num_layers):
+        row = {"layer": i, "entropy": float(signals["entropy"][i]), "lmba": float(signals["lmba"][i]),
+               "hidden_change": float(signals["hidden"][i])}
+        if args.deep:
+            row["lmbo"] = float(signals["lmbo"][i])
+        layers.append(row)
+    curves = budget_curves(signals[args.signal], args.budget, a.n_tokens, a.window, caps=a.layer_caps)
+    result = {
         "model": loaded.name,
         "n_tokens": a.n_tokens,
-        "layers": [
-            {"layer": i, "entropy": float(entropy[i]), "lmba": float(lmba[i]), "hidden_change": float(hidden[i])}
-            for i in range(a.num_layers)
-        ],
-        "budgets": {
-            k: [int(b) for b in v] for k, v in budget_curves(lmba, args.budget, a.n_tokens, a.window).items()
-        },
+        "layers": layers,
+        "budgets": {k: [int(b) for b in v] for k, v in curves.items()},
+        "signal": args.signal,
+        "window": a.window,
+        "layer_caps": a.layer_caps.tolist(),
+        "prefill_s": round(pre.seconds, 4),
     }
+    if args.heads:
+        result["heads"] = {
+            "entropy": a.entropy.tolist(), "entropy_norm": a.entropy_norm.tolist(),
+            "lmba": a.lmba(args.tau).tolist(), "kv_group": a.kv_group.tolist(),
+        }
+    if args.tokens:
+        edges = bin_edges(a.n_tokens)
+        result["tokens"] = {
+            "bin_edges": edges.tolist(),
+            "bin_texts": bin_texts(loaded.token_texts(ids[0]), edges),
+            "importance": bin_columns(a.token_importance(), edges).tolist(),
+            "hidden_change": bin_columns(a.hidden_change, edges, "mean").tolist(),
+        }
+    if args.deep:
+        result["lmbo_grid"] = list(LMBO_GRID)
+        result["lmbo_cos"] = a.lmbo_cos.tolist()
+    return result
 
 
 def run_compare(args) -> list[dict]:
