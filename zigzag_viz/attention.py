@@ -55,6 +55,8 @@ def zigzag_attention_forward(module, query, key, value, attention_mask, dropout=
     """Drop-in attention function: (batch, q_len, H_q, d) output, no weights."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if hasattr(key, "attend"):  # a compressed layer's view (see cache.CacheView)
+        return key.attend(module, query, scaling if scaling is not None else query.shape[-1] ** -0.5), None
     q_len, k_len = query.shape[2], key.shape[2]
     sliding_window = kwargs.get("sliding_window")
     observer = _observer.get()

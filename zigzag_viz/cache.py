@@ -1,10 +1,108 @@
-"""Stage 4, the compressed cache: real eviction (kept tensors only) and bytes counted from what is held."""
+"""Stage 4, the compressed cache: real eviction (kept tensors only) and bytes counted from what is held.
+
+A layer of a transformers cache is either a plain dense layer (keys, values: (batch, H_kv, tokens, d)) or a
+`CompressedLayer` that stores another form (per-head lengths, quantized codes, pruned channels, a share of
+another layer) and hands attention a `CacheView` that knows how to attend over that form.
+"""
 
 from __future__ import annotations
 
 import copy
+from typing import Iterable
 
 import torch
+from transformers.cache_utils import DynamicLayer
+
+
+class CacheView:
+    """What a compressed layer gives attention instead of dense key/value tensors."""
+
+    def attend(self, module, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Attention output (batch, q_len, H_q, d_v) of new queries (batch, H_q, q_len, d), bottom-right causal."""
+        raise NotImplementedError
+
+
+class CompressedLayer(DynamicLayer):
+    """A cache layer holding a compressed form. Subclasses implement `update`, `tensors` and `held_tokens`."""
+
+    is_sliding = False
+
+    def __init__(self):
+        super().__init__()
+        self.is_initialized = True
+
+    def tensors(self) -> Iterable[torch.Tensor]:
+        """Every tensor this layer stores (shared tensors may also be listed by other layers)."""
+        raise NotImplementedError
+
+    def held_tokens(self) -> int:
+        raise NotImplementedError
+
+    def get_seq_length(self) -> int:
+        return self.held_tokens()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.held_tokens() + query_length, 0
+
+
+def manual_attention(query, keys, values, scaling: float) -> torch.Tensor:
+    """Bottom-right causal attention of new queries (H, q, d) over (H, k, d) keys → (H, q, d_v), in float32."""
+    q_len, k_len = query.shape[-2], keys.shape[-2]
+    scores = torch.matmul(query.float(), keys.float().transpose(-1, -2)) * scaling
+    if q_len > 1:
+        query_pos = torch.arange(q_len, device=query.device)[:, None] + (k_len - q_len)
+        scores = scores.masked_fill(torch.arange(k_len, device=query.device)[None, :] > query_pos, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), values.float())
+
+
+class PerHeadView(CacheView):
+    """KV heads of different lengths: each head group attends over its own keys."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        self.keys, self.values = keys, values
+
+    def attend(self, module, query, scaling):
+        num_kv = len(self.keys)
+        group = query.shape[1] // num_kv
+        outputs = []
+        for head in range(num_kv):
+            q = query[0, head * group : (head + 1) * group]  # (g, q_len, d)
+            outputs.append(manual_attention(q, self.keys[head][None], self.values[head][None], scaling))
+        out = torch.cat(outputs, dim=0)  # (H_q, q_len, d)
+        return out.transpose(0, 1)[None].to(query.dtype)
+
+
+class PerHeadLayer(CompressedLayer):
+    """Each KV head keeps its own number of tokens: keys[h], values[h] are (tokens_h, d)."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        super().__init__()
+        self.head_keys, self.head_values = keys, values
+        self.keys = self.values = None
+
+    @classmethod
+    def from_dense(cls, keys: torch.Tensor, values: torch.Tensor, keep: list[torch.Tensor]) -> "PerHeadLayer":
+        """From dense (1, H_kv, n, d) tensors and ascending kept indices per head."""
+        return cls(
+            [keys[0, h].index_select(0, idx.to(keys.device)).contiguous() for h, idx in enumerate(keep)],
+            [values[0, h].index_select(0, idx.to(values.device)).contiguous() for h, idx in enumerate(keep)],
+        )
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        for h in range(len(self.head_keys)):
+            self.head_keys[h] = torch.cat([self.head_keys[h], key_states[0, h]], dim=0)
+            self.head_values[h] = torch.cat([self.head_values[h], value_states[0, h]], dim=0)
+        view = PerHeadView(self.head_keys, self.head_values)
+        return view, view
+
+    def tensors(self):
+        return [*self.head_keys, *self.head_values]
+
+    def held_tokens(self) -> int:
+        return max(k.shape[0] for k in self.head_keys)
+
+    def head_lengths(self) -> list[int]:
+        return [k.shape[0] for k in self.head_keys]
 
 
 def layer_count(cache) -> int:
@@ -12,13 +110,19 @@ def layer_count(cache) -> int:
 
 
 def layer_keys(cache, layer: int) -> torch.Tensor:
-    """Keys held by one layer, (batch, H_kv, tokens, d)."""
+    """Keys held by one dense layer, (batch, H_kv, tokens, d)."""
     return cache.layers[layer].keys
 
 
 def layer_lengths(cache) -> list[int]:
     """Tokens held per layer (a sliding-window layer holds only the most recent ones)."""
-    return [int(layer.keys.shape[-2]) for layer in cache.layers]
+    return [
+        entry.held_tokens() if isinstance(entry, CompressedLayer) else int(entry.keys.shape[-2]) for entry in cache.layers
+    ]
+
+
+def is_dense(cache, layer: int) -> bool:
+    return not isinstance(cache.layers[layer], CompressedLayer)
 
 
 def evict(cache, layer: int, keep: torch.Tensor) -> None:
@@ -29,12 +133,20 @@ def evict(cache, layer: int, keep: torch.Tensor) -> None:
     entry.values = torch.gather(entry.values, 2, index.expand(-1, -1, -1, entry.values.shape[-1])).contiguous()
 
 
+def layer_tensors(entry) -> list[torch.Tensor]:
+    if isinstance(entry, CompressedLayer):
+        return list(entry.tensors())
+    return [t for t in (entry.keys, entry.values) if t is not None]
+
+
 def kv_bytes(cache) -> int:
-    """Bytes of the key and value tensors the cache actually holds (numel × element size)."""
+    """Bytes of every tensor the cache actually holds (numel × element size), each shared tensor counted once."""
+    seen: set[int] = set()
     total = 0
     for entry in cache.layers:
-        for tensor in (entry.keys, entry.values):
-            if tensor is not None:
+        for tensor in layer_tensors(entry):
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
                 total += tensor.numel() * tensor.element_size()
     return total
 

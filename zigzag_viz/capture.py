@@ -39,6 +39,7 @@ class PromptAnalysis:
     hidden_change: (L, n) 1 − cos(residual in, residual out) of each decoder layer, per token.
     kv_group: (H_q,) index of the KV head each query head reads.
     layer_caps: (L,) most tokens a layer's cache holds after prefill (n, or sliding window − 1 when smaller).
+    query_channel_energy: (L, H_q, d) Σ over window queries of q_c² per channel (RoPE applied), for ThinK.
     lmbo_cos: (L, G) deep mode only: cosine of the window output with only this layer compressed to
         each fraction of LMBO_GRID, against its full-cache output.
     """
@@ -51,6 +52,7 @@ class PromptAnalysis:
     hidden_change: np.ndarray
     kv_group: np.ndarray
     layer_caps: np.ndarray
+    query_channel_energy: np.ndarray
     lmbo_cos: np.ndarray | None = None
 
     @property
@@ -195,6 +197,7 @@ class SignalRecorder:
         self.rows: list[np.ndarray | None] = [None] * num_layers
         self.hidden: list[np.ndarray | None] = [None] * num_layers
         self.caps = np.zeros(num_layers, dtype=np.int64)
+        self.query_energy: list[np.ndarray | None] = [None] * num_layers
         self.lmbo_cos = np.zeros((num_layers, len(LMBO_GRID))) if deep else None
         self.kv_group: np.ndarray | None = None
         self.n_tokens = 0
@@ -213,6 +216,7 @@ class SignalRecorder:
         self.entropy[layer] = entropy.mean(-1).cpu().numpy()
         self.entropy_norm[layer] = entropy_norm.mean(-1).cpu().numpy()
         self.rows[layer] = rows.cpu().numpy()
+        self.query_energy[layer] = query[0, :, n - w :, :].float().square().sum(1).cpu().numpy()
         # A sliding layer's cache holds the last sliding_window − 1 tokens (the next token makes it sliding_window).
         self.caps[layer] = n if sliding_window is None else min(n, sliding_window - 1)
         group = query.shape[1] // key.shape[1]
@@ -255,6 +259,7 @@ class SignalRecorder:
             hidden_change=np.stack(self.hidden),
             kv_group=self.kv_group,
             layer_caps=self.caps.copy(),
+            query_channel_energy=np.stack(self.query_energy),
             lmbo_cos=self.lmbo_cos,
         )
 

@@ -1,8 +1,10 @@
 """Compression methods, one file each, registered by name in METHODS."""
 
-from . import full, pyramid, uniform, zigzag  # noqa: F401  (each module registers its method)
+from . import full, l2norm, pyramid, streaming, uniform, zigzag  # noqa: F401  (each module registers its method)
 from .base import (
     METHODS,
+    STAGES,
+    CompositeMethod,
     CompressionContext,
     CompressionMethod,
     CompressionReport,
@@ -14,6 +16,8 @@ from .base import (
 
 __all__ = [
     "METHODS",
+    "STAGES",
+    "CompositeMethod",
     "CompressionContext",
     "CompressionMethod",
     "CompressionReport",

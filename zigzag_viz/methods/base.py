@@ -63,13 +63,25 @@ class CompressionReport:
     notes: list[str] = field(default_factory=list)
 
 
+# Order in which composed methods apply: drop tokens, then share/merge layers, then prune channels, then quantize.
+STAGES = ("tokens", "layers", "channels", "bits")
+
+
 class CompressionMethod(ABC):
-    """A KV-cache compression method. Subclasses set `name`, `summary`, `paper`, `compresses`, `parameters`."""
+    """A KV-cache compression method. Subclasses set `name`, `summary`, `paper`, `compresses`, `stage`,
+    `calibration` (what it needs beyond the prompt) and `parameters`.
+
+    `compress` works on a cache whose layers are dense unless `accepts_compressed` is True; it leaves dense
+    layers behind unless `leaves_dense` is False (so later stages of a composition can still work on them).
+    """
 
     name: ClassVar[str]
     summary: ClassVar[str]
     paper: ClassVar[str] = ""
     compresses: ClassVar[str] = "tokens per layer"
+    stage: ClassVar[str] = "tokens"
+    calibration: ClassVar[str] = "none"
+    leaves_dense: ClassVar[bool] = True
     parameters: ClassVar[dict[str, Parameter]] = {}
 
     def __init__(self, **params: Any):
@@ -120,6 +132,40 @@ class TokenBudgetMethod(CompressionMethod):
         return CompressionReport(layer_budgets=np.asarray(budgets))
 
 
+class CompositeMethod(CompressionMethod):
+    """Methods on different axes applied one after another, e.g. `zigzag+kivi` (tokens, then bits)."""
+
+    name = "composite"
+    summary = "methods on different axes, applied in the order tokens → layers → channels → bits"
+
+    def __init__(self, parts: list[CompressionMethod]):
+        super().__init__()
+        ordered = sorted(parts, key=lambda m: STAGES.index(m.stage))
+        stages = [m.stage for m in ordered]
+        if len(set(stages)) != len(stages):
+            raise InputError(f"{'+'.join(m.spec for m in parts)}: combine methods on different axes ({', '.join(STAGES)})")
+        for earlier in ordered[:-1]:
+            if not earlier.leaves_dense:
+                raise InputError(f"{earlier.name} cannot be followed by another method: its cache is no longer dense")
+        self.parts = ordered
+
+    @property
+    def spec(self) -> str:
+        return "+".join(m.spec for m in self.parts)
+
+    def layer_budgets(self, context: CompressionContext) -> np.ndarray | None:
+        for part in self.parts:
+            if hasattr(part, "layer_budgets"):
+                return part.layer_budgets(context)
+        return None
+
+    def compress(self, cache, context: CompressionContext) -> CompressionReport:
+        reports = [part.compress(cache, context) for part in self.parts]
+        token_reports = [r for part, r in zip(self.parts, reports) if part.stage == "tokens"]
+        budgets = (token_reports or reports)[0].layer_budgets
+        return CompressionReport(layer_budgets=budgets, notes=[n for r in reports for n in r.notes])
+
+
 METHODS: dict[str, type[CompressionMethod]] = {}
 
 
@@ -132,8 +178,26 @@ def register(cls: type[CompressionMethod]) -> type[CompressionMethod]:
 _SPEC = re.compile(r"^\s*([A-Za-z0-9_]+)\s*(?:\[(.*)\])?\s*$")
 
 
+def _split_outside_brackets(text: str, separator: str) -> list[str]:
+    parts, depth, current = [], 0, ""
+    for char in text or "":
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == separator and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    return [p.strip() for p in parts]
+
+
 def parse_spec(spec: str) -> CompressionMethod:
-    """A method instance from a spec like `zigzag[rho=0.5,signal=entropy]`."""
+    """A method from a spec like `zigzag[rho=0.5,signal=entropy]`, or a composition like `zigzag+kivi`."""
+    parts = _split_outside_brackets(spec, "+")
+    if len(parts) > 1:
+        if not all(parts):
+            raise InputError(f"cannot read method spec {spec!r}: write method+method")
+        return CompositeMethod([parse_spec(part) for part in parts])
     match = _SPEC.match(spec or "")
     if not match:
         raise InputError(f"cannot read method spec {spec!r}: write name or name[key=value,...]")
@@ -151,16 +215,7 @@ def parse_spec(spec: str) -> CompressionMethod:
 
 def parse_specs(text: str) -> list[CompressionMethod]:
     """Methods from a comma-separated list; commas inside [...] belong to a method's parameters."""
-    specs, depth, current = [], 0, ""
-    for char in text or "":
-        depth += {"[": 1, "]": -1}.get(char, 0)
-        if char == "," and depth == 0:
-            specs.append(current)
-            current = ""
-        else:
-            current += char
-    specs.append(current)
-    specs = [s for s in (s.strip() for s in specs) if s]
+    specs = [s for s in _split_outside_brackets(text, ",") if s]
     if not specs:
         raise InputError(f"no methods given: choose from {', '.join(METHODS)}")
     return [parse_spec(s) for s in specs]
