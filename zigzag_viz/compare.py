@@ -95,7 +95,7 @@ def compare(
 
     _report(progress, 0.0, f"prefill of {n} tokens")
     pre = runtime.prefill(loaded, input_ids, window)
-    context = CompressionContext(pre.analysis, budget)
+    context = CompressionContext(pre.analysis, budget, loaded=loaded)
     for method in methods:  # fail on a bad budget before any decoding
         if hasattr(method, "layer_budgets"):
             method.layer_budgets(context)

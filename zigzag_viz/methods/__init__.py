@@ -1,6 +1,6 @@
 """Compression methods, one file each, registered by name in METHODS."""
 
-from . import full, l2norm, pyramid, streaming, uniform, zigzag  # noqa: F401  (each module registers its method)
+from . import adakv, full, l2norm, pyramid, streaming, uniform, zigzag  # noqa: F401  (each module registers its method)
 from .base import (
     METHODS,
     STAGES,

@@ -45,10 +45,13 @@ class Parameter:
 
 @dataclass
 class CompressionContext:
-    """What a method may use: the prompt's signals and the kept fraction asked for (0 < budget ≤ 1)."""
+    """What a method may use: the prompt's signals, the kept fraction asked for (0 < budget ≤ 1), and the model
+    (for methods that calibrate on it), with an optional progress(fraction, message) callback."""
 
     analysis: PromptAnalysis
     budget: float
+    loaded: Any = None
+    progress: Any = None
 
     @property
     def avg_budget(self) -> float:

@@ -1,0 +1,101 @@
+"""Token-eviction methods beyond the budget rules: StreamingLLM, L2-norm, AdaKV head split, and composition."""
+
+import pytest
+import torch
+
+from zigzag_viz import cache as kvcache
+from zigzag_viz import runtime
+from zigzag_viz.compare import compare
+from zigzag_viz.errors import InputError
+from zigzag_viz.methods import CompressionContext, parse_spec
+from zigzag_viz.methods.adakv import head_split
+from zigzag_viz.prompts import passkey_prompt
+
+
+@pytest.fixture(scope="module")
+def prefilled(tiny):
+    ids = tiny.encode(passkey_prompt(n_sentences=16, seed=9).text)
+    return runtime.prefill(tiny, ids, window=16)
+
+
+def _compressed(pre, spec, budget=0.3):
+    cache = kvcache.clone(pre.cache)
+    report = parse_spec(spec).compress(cache, CompressionContext(pre.analysis, budget))
+    return cache, report
+
+
+def test_streaming_keeps_the_sinks_and_the_most_recent_tokens(prefilled):
+    cache, report = _compressed(prefilled, "streaming[sinks=4]")
+    n = prefilled.n_tokens
+    full_keys = prefilled.cache.layers[0].keys
+    kept = cache.layers[0].keys
+    budget = int(report.layer_budgets[0])
+    expected = torch.cat([torch.arange(4), torch.arange(n - (budget - 4), n)])
+    assert torch.equal(kept, full_keys[:, :, expected])
+
+
+def test_l2norm_keeps_the_lowest_norm_keys_and_the_window(prefilled):
+    cache, report = _compressed(prefilled, "l2norm")
+    n, window = prefilled.n_tokens, prefilled.analysis.window
+    norms = prefilled.cache.layers[1].keys[0].norm(dim=-1)  # (H_kv, n)
+    kept = cache.layers[1].keys[0]
+    budget = int(report.layer_budgets[1])
+    for head in range(norms.shape[0]):
+        others = norms[head, : n - window]
+        expected = torch.sort(torch.topk(-others, budget - window).indices).values
+        assert torch.equal(kept[head, : budget - window], prefilled.cache.layers[1].keys[0, head, expected])
+        assert torch.equal(kept[head, budget - window :], prefilled.cache.layers[1].keys[0, head, n - window :])
+
+
+def test_head_split_respects_the_safeguard_and_the_total():
+    scores = torch.tensor([[9.0, 8.0, 7.0, 6.0, 0.1, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]])
+    keep = head_split(scores, budget=4, window=1, alpha=0.0)
+    assert sum(len(k) for k in keep) == 8
+    assert len(keep[0]) > len(keep[1])  # the head with concentrated scores takes more of the pooled budget
+    assert all(k[-1].item() == 7 for k in keep)  # window kept per head
+    even = head_split(scores, budget=4, window=1, alpha=1.0)
+    assert [len(k) for k in even] == [4, 4]
+
+
+def test_adakv_stores_heads_of_different_lengths_without_padding(prefilled, tiny):
+    cache, report = _compressed(prefilled, "adakv")
+    layer = cache.layers[0]
+    assert isinstance(layer, kvcache.PerHeadLayer)
+    lengths = layer.head_lengths()
+    assert sum(lengths) == 2 * int(report.layer_budgets[0])
+    head_dim = tiny.config.hidden_size // tiny.num_query_heads
+    expected = sum(2 * sum(entry.head_lengths()) * head_dim * 4 for entry in cache.layers)
+    assert kvcache.kv_bytes(cache) == expected
+    tokens, _ = runtime.greedy_decode(tiny, cache, prefilled.next_logits, prefilled.n_tokens, 6)
+    assert len(tokens) >= 1
+    extra = torch.tensor([[500, 600, 700]])
+    together = runtime.forward_tokens(tiny, kvcache.clone(cache), extra, prefilled.n_tokens)
+    stepwise_cache = kvcache.clone(cache)
+    stepwise = torch.stack([runtime.forward_tokens(tiny, stepwise_cache, extra[:, i : i + 1], prefilled.n_tokens + i)[0]
+                            for i in range(3)])
+    assert (together - stepwise).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("spec", ["streaming", "l2norm", "adakv", "adakv[alloc=zigzag]"])
+def test_budget_one_is_the_identity(tiny, spec):
+    prompt = passkey_prompt(n_sentences=10, seed=4).text
+    result = compare(tiny, prompt, f"full,{spec}", budget=1.0, max_new_tokens=8, window=16)
+    assert result.results[1].token_ids == result.results[0].token_ids
+    assert result.results[1].kv_fraction == 1.0
+
+
+def test_compositions_must_mix_axes():
+    with pytest.raises(InputError, match="different axes"):
+        parse_spec("zigzag+l2norm")
+    with pytest.raises(InputError, match="write method\\+method"):
+        parse_spec("zigzag+")
+
+
+@pytest.mark.slow
+def test_token_methods_run_on_smollm2(smollm2):
+    prompt = passkey_prompt(n_sentences=60, depth=0.5, seed=21)
+    result = compare(smollm2, prompt.text, "full,streaming,l2norm,adakv", budget=0.3, max_new_tokens=12,
+                     answer=prompt.answer)
+    assert result.results[0].task_score == 1.0
+    for row in result.results[1:]:
+        assert row.kv_fraction == pytest.approx(0.3, abs=0.01)

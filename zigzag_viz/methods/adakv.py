@@ -1,0 +1,71 @@
+"""AdaKV: within each layer, KV heads get different budgets by pooling all heads' scores (with a safeguard)."""
+
+import math
+
+import numpy as np
+import torch
+
+from .. import cache as kvcache
+from ..budgets import DEFAULT_BETA, DEFAULT_RHO, pyramid_budgets, uniform_budgets, zigzag_budgets
+from ..selection import snapkv_scores
+from .base import CompressionReport, Parameter, TokenBudgetMethod, register
+
+ALLOCATIONS = ("uniform", "zigzag", "pyramid")
+
+
+@register
+class AdaKV(TokenBudgetMethod):
+    name = "adakv"
+    summary = "layer budget split across KV heads by pooled SnapKV scores, each head keeping a safeguard share"
+    paper = "Ada-KV (arXiv 2407.11550)"
+    compresses = "tokens per KV head"
+    parameters = {
+        "alloc": Parameter(str, "uniform", "layer budgets: uniform, zigzag (LMBA) or pyramid", choices=ALLOCATIONS),
+        "alpha": Parameter(float, 0.2, "share of each layer's budget spread evenly over heads", low=0.0, high=1.0),
+    }
+
+    def layer_budgets(self, context):
+        a = context.analysis
+        avg = context.avg_budget
+        if self.params["alloc"] == "zigzag":
+            return zigzag_budgets(a.layer_signal("lmba"), avg, a.n_tokens, a.window, rho=DEFAULT_RHO, caps=a.layer_caps)
+        if self.params["alloc"] == "pyramid":
+            return pyramid_budgets(a.num_layers, avg, a.n_tokens, a.window, beta=DEFAULT_BETA, caps=a.layer_caps)
+        return uniform_budgets(a.num_layers, avg, a.n_tokens, a.window, caps=a.layer_caps)
+
+    def compress(self, cache, context):
+        budgets = self.layer_budgets(context)
+        window = context.analysis.window
+        spreads = []
+        for layer, budget in enumerate(budgets):
+            keys = kvcache.layer_keys(cache, layer)
+            held = keys.shape[-2]
+            if budget >= held:
+                continue
+            scores = snapkv_scores(torch.from_numpy(context.analysis.kv_scores(layer)[:, -held:]).to(keys.device))
+            keep = head_split(scores, int(budget), min(window, int(budget)), self.params["alpha"])
+            spreads.append(max(len(k) for k in keep) - min(len(k) for k in keep))
+            entry = cache.layers[layer]
+            cache.layers[layer] = kvcache.PerHeadLayer.from_dense(entry.keys, entry.values, keep)
+        notes = [f"largest head-length spread in a layer: {max(spreads)} tokens"] if spreads else []
+        return CompressionReport(layer_budgets=np.asarray(budgets), notes=notes)
+
+
+def head_split(scores: torch.Tensor, budget: int, window: int, alpha: float) -> list[torch.Tensor]:
+    """Kept indices per KV head (ascending) for a layer budget of `budget` tokens per head on average.
+
+    Each head keeps its last `window` tokens and its own top ⌊α·(budget − window)⌋; the remaining
+    H·budget tokens in all are the best of the pooled, per-head-normalised scores of every head.
+    """
+    heads, n = scores.shape
+    ranked = scores.float() / scores.float().sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    ranked[:, n - window :] = float("inf")
+    order = torch.argsort(ranked, dim=-1, descending=True)
+    guaranteed = window + math.floor(alpha * (budget - window))
+    chosen = torch.zeros_like(ranked, dtype=torch.bool)
+    chosen.scatter_(1, order[:, :guaranteed], True)
+    remaining = heads * budget - heads * guaranteed
+    if remaining > 0:
+        pooled = ranked.masked_fill(chosen, float("-inf")).flatten()
+        chosen.view(-1)[torch.topk(pooled, remaining).indices] = True
+    return [torch.nonzero(row).flatten() for row in chosen]
