@@ -31,6 +31,12 @@ st.set_page_config(page_title="zigzag_viz", page_icon=":material/stacked_line_ch
 st.title("zigzag_viz")
 st.markdown(INTRO)
 st.subheader("Start here")
-st.page_link("pages/1_Compare.py", label="**Compare**: one prompt, full KV against ZigZag, PyramidKV and uniform budgets",
+st.page_link("pages/1_Compare.py", label="**Compare**: one prompt, full KV against compressed caches, answers side by side",
              icon=":material/compare:")
+st.page_link("pages/2_Uncertainty.py", label="**Uncertainty**: entropy, LMBA, hidden-state change and LMBO per layer, "
+             "which prompt text each layer attends to, and how the zig-zag differs between models",
+             icon=":material/stacked_line_chart:")
+st.page_link("pages/3_Budgets.py", label="**Budgets**: move ρ, τ, β and the kept fraction and watch ZigZag, PyramidKV "
+             "and uniform budgets (and the KV bytes they imply) redraw without touching the model",
+             icon=":material/tune:")
 st.markdown(STEPS)

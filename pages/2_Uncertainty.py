@@ -25,7 +25,9 @@ with st.sidebar:
     deep = st.checkbox("Compute LMBO (deep, slower)", value=False,
                        help="Compresses each layer alone to a grid of budgets and compares its window output "
                             "with the full-cache output: about a minute for 1K tokens on SmolLM2 on a CPU")
-    threshold = st.slider("LMBO cos threshold", 0.90, 0.999, 0.99, 0.001, format="%.3f", disabled=not deep,
+    stored = st.session_state.get("uncertainty")
+    has_lmbo = stored is not None and stored.analysis.lmbo_cos is not None
+    threshold = st.slider("LMBO cos threshold", 0.90, 0.999, 0.99, 0.001, format="%.3f", disabled=not (deep or has_lmbo),
                           help="Smallest budget whose layer output keeps this cosine with the full-cache output")
 
 prompt = st.text_area("Prompt", value=example_prompt().text, height=180,

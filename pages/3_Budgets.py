@@ -53,22 +53,27 @@ def budget_panel() -> None:
     signals = ["lmba", "entropy", "hidden"] + (["lmbo"] if analysis.lmbo_cos is not None else [])
     col_a, col_b, col_c = st.columns(3)
     with col_a:
-        fraction = st.slider("Kept fraction", 0.05, 1.0, 0.2, 0.01, help="Average share of the prompt each layer keeps")
+        fraction = st.slider("Kept fraction", 0.05, 1.0, 0.2, 0.01, help="Average share of the prompt each layer keeps",
+                             key="budget_fraction")
         signal_name = st.radio("ZigZag signal", signals, horizontal=True,
-                               help="Per-layer uncertainty s_l that ZigZag shares the budget by (lmbo needs the deep analysis)")
+                               help="Per-layer uncertainty s_l that ZigZag shares the budget by (lmbo needs the deep analysis)",
+                               key="budget_signal")
     with col_b:
         rho = st.slider("ρ (ZigZag floor share)", 0.0, 1.0, 0.2, 0.01,
-                        help="Share of the average budget every layer gets before the uncertainty split")
-        tau = st.slider("τ for LMBA", 0.50, 0.99, 0.90, 0.01, disabled=signal_name != "lmba")
+                        help="Share of the average budget every layer gets before the uncertainty split",
+                        key="budget_rho")
+        tau = st.slider("τ for LMBA", 0.50, 0.99, 0.90, 0.01, disabled=signal_name != "lmba", key="budget_tau")
     with col_c:
-        beta = st.slider("β (PyramidKV)", 1.0, 100.0, 20.0, 1.0, help="Last layer keeps B_avg/β")
+        beta = st.slider("β (PyramidKV)", 1.0, 100.0, 20.0, 1.0, help="Last layer keeps B_avg/β", key="budget_beta")
         sizes = list(ELEMENT_SIZES)
         default = next((i for i, s in enumerate(sizes) if ELEMENT_SIZES[s] == result.bytes_per_element), 0)
         size = st.selectbox("KV element size", sizes, index=default,
-                            help=f"{result.model} runs in {result.bytes_per_element} B per element here")
+                            help=f"{result.model} runs in {result.bytes_per_element} B per element here",
+                            key="budget_element")
     threshold = capture.LMBO_THRESHOLD
     if signal_name == "lmbo":
-        threshold = st.slider("LMBO cos threshold", 0.90, 0.999, capture.LMBO_THRESHOLD, 0.001, format="%.3f")
+        threshold = st.slider("LMBO cos threshold", 0.90, 0.999, capture.LMBO_THRESHOLD, 0.001, format="%.3f",
+                              key="budget_lmbo_threshold")
 
     signal = analysis.layer_signal(signal_name, tau=tau, threshold=threshold)
     curves = ui.run_safely(lambda: budgets.budget_curves(signal, fraction, n, w, rho=rho, beta=beta, caps=caps),
@@ -87,6 +92,7 @@ def budget_panel() -> None:
         st.caption(f"bytes = tokens × 2 (K, V) × {result.num_kv_heads} KV heads × {result.head_dim} dims × "
                    f"{ELEMENT_SIZES[size]} B, summed over layers")
         ui.show_table(bytes_table, "KV bytes")
+        st.caption("Every rule spends the same total (Σ_l B_l = L·B_avg); they differ in which layers get it.")
     ui.show_table(charts.layer_budgets_table(curves, signal, signal_name, caps), "budgets per layer")
 
 

@@ -67,7 +67,8 @@ def test_token_map_bins_text_and_sliding_layers():
 def test_hidden_change_map_keeps_values_and_blank_for_zero_importance():
     edges = np.array([0, 2, 4])
     fig = charts.hidden_change_map_figure(np.array([[0.1, 0.2], [0.3, 0.4]]), edges, ["ab", "cd"])
-    assert np.allclose(fig.data[0].z, [[0.1, 0.2], [0.3, 0.4]])
+    assert np.allclose(10 ** np.asarray(fig.data[0].z), [[0.1, 0.2], [0.3, 0.4]])
+    assert np.asarray(fig.data[0].customdata)[1, 1, 2] == "0.4"  # the hover shows the value, not its log
     share = charts.token_importance_figure(np.array([[1.0, 0.0]]), edges, ["ab", "cd"])
     assert np.isnan(np.asarray(share.data[0].z, dtype=float)[0, 1])
 
@@ -75,9 +76,11 @@ def test_hidden_change_map_keeps_values_and_blank_for_zero_importance():
 def test_model_lmba_figure_uses_relative_depth_and_model_colours():
     fig = charts.model_lmba_figure({"smollm2": np.linspace(0.5, 0.1, 30), "gemma3": np.linspace(0.2, 0.3, 18)}, 0.9,
                                    sliding={"gemma3": np.arange(18) % 6 != 5})
-    assert [t.line.color for t in fig.data] == [charts.model_colour("smollm2"), charts.model_colour("gemma3")]
-    assert len({t.line.color for t in fig.data}) == 2
-    for trace in fig.data:
+    models = fig.data[:2]
+    assert [t.line.color for t in models] == [charts.model_colour("smollm2"), charts.model_colour("gemma3")]
+    assert charts.model_colour("smollm2") != charts.model_colour("gemma3")
+    assert "sliding" in fig.data[2].name  # legend entry explaining the open markers
+    for trace in models:
         assert trace.x[0] == 0 and trace.x[-1] == 1
     assert "circle-open" in fig.data[1].marker.symbol and "circle-open" not in fig.data[0].marker.symbol
 

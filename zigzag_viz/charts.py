@@ -148,7 +148,8 @@ def entropy_heatmap(entropy: np.ndarray, kv_group: np.ndarray, normalised: bool 
     ticks, labels = _layer_ticks(num_layers, None)
     fig.update_yaxes(title_text="layer", autorange="reversed", tickvals=ticks, ticktext=labels)
     fig.update_xaxes(title_text="query head", tickvals=list(range(num_heads)), showgrid=False)
-    title = "Attention entropy per head" + (" (normalised by log #keys)" if normalised else " (nats)")
+    # Short title: the column is narrow and Plotly's toolbar sits over the top right corner.
+    title = "Entropy per head" + (" (÷ log #keys, normalised)" if normalised else " (nats)")
     return _layout(fig, title, height=_heatmap_height(num_layers))
 
 
@@ -202,7 +203,7 @@ def layer_curves_figure(
 
 def token_map_figure(
     values: np.ndarray, edges: np.ndarray, texts: Sequence[str], title: str, value_label: str,
-    sliding: np.ndarray | None = None, log: bool = False, colorscale: str = "Inferno",
+    sliding: np.ndarray | None = None, log: bool = False, colorscale: str = "Plasma",
 ) -> go.Figure:
     """Layer × token-bin heatmap with the prompt text of each bin in the hover.
 
@@ -227,7 +228,7 @@ def token_map_figure(
     if log and np.isfinite(colour).any():
         low, high = int(np.floor(np.nanmin(colour))), int(np.ceil(np.nanmax(colour)))
         ticks = list(range(low, high + 1))
-        colorbar.update(tickvals=ticks, ticktext=[f"1e{t}" for t in ticks])
+        colorbar.update(tickvals=ticks, ticktext=[f"{10.0 ** t:g}" for t in ticks])
         colorbar["title"]["text"] = value_label
     centres = (edges[:-1] + edges[1:] - 1) / 2
     fig = go.Figure(go.Heatmap(
@@ -261,9 +262,12 @@ def token_importance_figure(importance: np.ndarray, edges: np.ndarray, texts: Se
 
 def hidden_change_map_figure(change: np.ndarray, edges: np.ndarray, texts: Sequence[str],
                              sliding: np.ndarray | None = None) -> go.Figure:
-    """Hidden-state change per layer and token bin. change: (L, bins) mean of 1 − cos(in, out) over each bin's tokens."""
+    """Hidden-state change per layer and token bin, colour on a log scale (the first layers change far more).
+
+    change: (L, bins) mean of 1 − cos(residual in, residual out) over each bin's tokens.
+    """
     return token_map_figure(change, edges, texts, "Hidden-state change per token (1 − cos)", "1 − cos",
-                            sliding=sliding, log=False, colorscale="Blues")
+                            sliding=sliding, log=True, colorscale="Blues")
 
 
 def model_lmba_figure(curves: Mapping[str, np.ndarray], tau: float,
@@ -287,6 +291,9 @@ def model_lmba_figure(curves: Mapping[str, np.ndarray], tau: float,
             hovertemplate=f"{html.escape(name)}<br>layer %{{customdata[0]}} of 0–%{{customdata[1]}}"
             "<br>LMBA %{y:.3f}<extra></extra>",
         ))
+    if sliding and any(np.any(v) for v in sliding.values()):
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="open marker: sliding-window layer",
+                                 marker=dict(size=8, symbol="circle-open", color="#666")))
     fig.update_xaxes(title_text="relative depth  layer / (L − 1)", range=[-0.02, 1.02], tickformat=".0%")
     fig.update_yaxes(title_text=f"LMBA at τ = {tau:g} (share of tokens)", rangemode="tozero")
     return _layout(fig, "The zig-zag differs by model: LMBA against relative depth")

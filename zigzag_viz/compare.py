@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 from . import cache as kvcache
 from . import runtime
@@ -69,6 +69,30 @@ class Comparison:
         return pd.DataFrame(rows)
 
 
+class CompressedRun(NamedTuple):
+    """Greedy tokens from one compressed copy of a prefilled cache, the bytes it held and the seconds taken."""
+
+    tokens: list[int]
+    kv_bytes: int
+    layer_budgets: list[int]
+    compress_s: float
+    decode_s: float
+
+
+def run_method(
+    loaded: LoadedModel, pre: runtime.Prefill, method: CompressionMethod, context: CompressionContext, max_new_tokens: int
+) -> CompressedRun:
+    """Compress a copy of the prefilled cache with `method`, then decode greedily from the prompt's next token."""
+    cache = kvcache.clone(pre.cache)
+    started = time.perf_counter()
+    report = method.compress(cache, context)
+    compress_s = time.perf_counter() - started
+    held = kvcache.kv_bytes(cache)
+    started = time.perf_counter()
+    tokens, _ = runtime.greedy_decode(loaded, cache, pre.next_logits, pre.n_tokens, max_new_tokens)
+    return CompressedRun(tokens, held, [int(b) for b in report.layer_budgets], compress_s, time.perf_counter() - started)
+
+
 def _report(progress: Progress | None, fraction: float, message: str) -> None:
     if progress is not None:
         progress(fraction, message)
@@ -113,19 +137,10 @@ def compare(
     for index, method in enumerate(methods):
         _report(progress, (index + 1) / steps, f"{method.spec}: compress and decode")
         if method.name == "full":
-            tokens, held, compress_s, decode_s = reference, full_bytes, 0.0, reference_s
-            budgets = kvcache.layer_lengths(pre.cache)
+            run = CompressedRun(reference, full_bytes, kvcache.layer_lengths(pre.cache), 0.0, reference_s)
         else:
-            cache = kvcache.clone(pre.cache)
-            started = time.perf_counter()
-            report = method.compress(cache, context)
-            compress_s = time.perf_counter() - started
-            held = kvcache.kv_bytes(cache)
-            budgets = report.layer_budgets
-            started = time.perf_counter()
-            tokens, _ = runtime.greedy_decode(loaded, cache, pre.next_logits, n, max_new_tokens)
-            decode_s = time.perf_counter() - started
-            del cache
+            run = run_method(loaded, pre, method, context, max_new_tokens)
+        tokens, held, budgets, compress_s, decode_s = run
         text = loaded.decode(tokens)
         comparison.results.append(
             MethodResult(

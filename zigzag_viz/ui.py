@@ -13,7 +13,7 @@ import streamlit as st
 from . import runtime
 from .capture import PromptAnalysis
 from .errors import UserError
-from .methods import METHODS, CompressionMethod, Parameter
+from .methods import METHODS, CompressionMethod, Parameter, parse_specs
 from .models import EMBEDDED_MODELS, LoadedModel, load_model
 
 T = TypeVar("T")
@@ -59,7 +59,16 @@ def method_picker(default: list[str], key: str = "methods") -> list[CompressionM
         for name in names:
             params = {p: _parameter_widget(name, p, spec, f"{key}_{name}_{p}") for p, spec in METHODS[name].parameters.items()}
             methods.append(METHODS[name](**params))
-        if not names:
+        extra = st.text_input(
+            "More specs (compositions or variants, comma-separated)", key=f"{key}_extra",
+            placeholder="zigzag+kivi, uniform[select=knorm]", help="Same spec strings as the command line",
+        )
+        if extra.strip():
+            try:
+                methods.extend(parse_specs(extra))
+            except UserError as exc:
+                st.error(str(exc))
+        if not names and not extra.strip():
             st.caption("Pick at least one method.")
     return methods
 

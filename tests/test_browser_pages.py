@@ -1,0 +1,84 @@
+"""The Uncertainty and Budgets pages in headless Chromium on the embedded SmolLM2, with full-page screenshots."""
+
+import time
+
+import pytest
+from test_browser import _screenshot, app_url, browser  # noqa: F401  (fixtures reused from the Compare page tests)
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+PLOTS = "[data-testid=stPlotlyChart] .js-plotly-plot .main-svg"
+
+
+def _wait_for_plots(page, count: int, timeout_ms: int) -> None:
+    """Until at least `count` Plotly charts have drawn their SVG."""
+    page.wait_for_function(
+        "([selector, count]) => new Set([...document.querySelectorAll(selector)].map(e => e.closest('.js-plotly-plot')))"
+        ".size >= count",
+        arg=[PLOTS, count], timeout=timeout_ms,
+    )
+
+
+def _idle(page, timeout_ms: int = 120_000) -> None:
+    """Until the app has finished its current run (the status widget leaves the 'running' state)."""
+    time.sleep(0.5)
+    page.wait_for_function("() => !document.querySelector('[data-testid=stStatusWidget] [data-testid=stStatusWidgetRunningIcon]')",
+                           timeout=timeout_ms)
+
+
+def test_uncertainty_page_on_smollm2(browser, app_url):  # noqa: F811
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    page.goto(f"{app_url}/Uncertainty")
+    page.get_by_role("button", name="Analyze").wait_for(timeout=60_000)
+    page.get_by_role("button", name="Analyze").click()
+    page.get_by_text("Which prompt text each layer attends to").wait_for(timeout=240_000)
+    _wait_for_plots(page, 4, 60_000)
+    content = page.content()
+    assert "Traceback" not in content
+    assert "smollm2 on cpu" in content and "30 layers" in content
+
+    # hovering the token map names the layer, the token range and the prompt text there
+    heatmap = page.locator("[data-testid=stPlotlyChart]").nth(2).locator(".nsewdrag").first
+    heatmap.scroll_into_view_if_needed()
+    box = heatmap.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.5)
+    hover = page.locator(".hoverlayer .hovertext").first
+    hover.wait_for(timeout=10_000)
+    assert "layer" in hover.text_content() and "tokens" in hover.text_content() and "share" in hover.text_content()
+    page.mouse.move(5, 5)
+
+    page.get_by_role("button", name="Compare models").click()
+    page.get_by_text("The zig-zag differs by model").first.wait_for(timeout=400_000)
+    _wait_for_plots(page, 5, 60_000)
+    _idle(page)
+    assert "Traceback" not in page.content()
+    _screenshot(page, "uncertainty_smollm2.png")
+    page.close()
+
+
+def test_budgets_page_on_smollm2(browser, app_url):  # noqa: F811
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    page.goto(f"{app_url}/Budgets")
+    page.get_by_role("button", name="Analyze").wait_for(timeout=60_000)
+    page.get_by_role("button", name="Analyze").click()
+    page.get_by_text("Tokens kept per layer").first.wait_for(timeout=240_000)
+    _wait_for_plots(page, 2, 60_000)
+    assert "window w = 32" in page.content()
+
+    # a slider moves: only the fragment reruns, and the budgets are drawn again
+    bars = page.locator("[data-testid=stPlotlyChart] text.bartext")
+    assert "20%" in bars.all_text_contents()  # KV bytes of each method as a share of full, at the default 0.2
+    thumb = page.get_by_role("slider", name="Kept fraction")
+    thumb.focus()
+    for _ in range(10):
+        thumb.press("ArrowRight")
+    assert thumb.input_value() == "0.3"
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('[data-testid=stPlotlyChart] text.bartext')].some(t => t.textContent === '30%')",
+        timeout=60_000,
+    )
+    _idle(page)
+    _wait_for_plots(page, 2, 60_000)
+    assert "Traceback" not in page.content()
+    _screenshot(page, "budgets_smollm2.png")
+    page.close()
