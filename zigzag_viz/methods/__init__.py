@@ -1,6 +1,6 @@
 """Compression methods, one file each, registered by name in METHODS."""
 
-from . import adakv, full, l2norm, pyramid, streaming, uniform, zigzag  # noqa: F401  (each module registers its method)
+from . import adakv, baklava, full, kivi, kvsharer, l2norm, minicache, pyramid, streaming, think, uniform, zigzag  # noqa: F401  (each module registers its method)
 from .base import (
     METHODS,
     STAGES,
@@ -13,6 +13,12 @@ from .base import (
     parse_spec,
     parse_specs,
 )
+
+# Display order everywhere (pickers, listings): the reference, the budget rules, then the other axes.
+_ORDER = ("full", "zigzag", "pyramid", "uniform", "adakv", "baklava", "streaming", "l2norm", "kvsharer", "minicache",
+          "think", "kivi")
+for _name in sorted(METHODS, key=lambda n: _ORDER.index(n) if n in _ORDER else len(_ORDER)):
+    METHODS[_name] = METHODS.pop(_name)
 
 __all__ = [
     "METHODS",

@@ -19,6 +19,7 @@ class AdaKV(TokenBudgetMethod):
     summary = "layer budget split across KV heads by pooled SnapKV scores, each head keeping a safeguard share"
     paper = "Ada-KV (arXiv 2407.11550)"
     compresses = "tokens per KV head"
+    leaves_dense = False
     parameters = {
         "alloc": Parameter(str, "uniform", "layer budgets: uniform, zigzag (LMBA) or pyramid", choices=ALLOCATIONS),
         "alpha": Parameter(float, 0.2, "share of each layer's budget spread evenly over heads", low=0.0, high=1.0),

@@ -9,6 +9,7 @@ from .base import CompressionMethod, CompressionReport, register
 class FullKV(CompressionMethod):
     name = "full"
     summary = "no compression (the reference every method is compared with)"
+    compresses = "nothing (reference)"
 
     def compress(self, cache, context) -> CompressionReport:
         return CompressionReport(layer_budgets=np.asarray(context.analysis.layer_caps))

@@ -1,0 +1,148 @@
+"""Answer quality of every method at several kept fractions, on generated passkey prompts.
+
+    .venv/bin/python benchmarks/method_quality.py --model smollm2
+
+≥ 12 prompts of 1–2K tokens (fixed seed, needle depths 0.1–0.9, varied prose), question inside the
+compressed context. Writes benchmarks/results/method_quality_<model>.json and a Markdown table beside it:
+accuracy per method × fraction, the held KV fraction, and the smallest fraction at which each method
+matches full KV. Prints each method's accuracy relative to full KV, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np
+
+from zigzag_viz import cache as kvcache
+from zigzag_viz import runtime
+from zigzag_viz.compare import run_method
+from zigzag_viz.errors import UserError
+from zigzag_viz.methods import METHODS, CompressionContext, parse_spec
+from zigzag_viz.models import load_model
+from zigzag_viz.prompts import passkey_prompt
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FRACTIONS = (0.1, 0.2, 0.35, 0.5, 0.7)
+DEFAULT_SPECS = (
+    "uniform", "uniform[select=knorm]", "uniform[select=hybrid]", "pyramid", "zigzag", "zigzag[select=knorm]",
+    "zigzag[select=hybrid]", "zigzag[signal=entropy]", "zigzag[rho=0.5,select=knorm]", "streaming", "l2norm",
+    "adakv", "baklava", "kvsharer", "minicache", "think", "kivi", "zigzag+kivi", "zigzag+think", "l2norm+kivi",
+)
+
+
+def prompts(count: int, seed: int):
+    """Passkey prompts of 1–2K tokens (55–110 filler sentences), needle depths spread over 0.1–0.9."""
+    rng = np.random.default_rng(seed)
+    depths = np.linspace(0.1, 0.9, count)
+    return [passkey_prompt(n_sentences=int(rng.integers(55, 110)), depth=float(d), seed=seed * 1000 + i)
+            for i, d in enumerate(depths)]
+
+
+def available(specs):
+    names = {part.split("[")[0] for spec in specs for part in spec.split("+")}
+    missing = sorted(names - set(METHODS))
+    return [s for s in specs if not ({p.split("[")[0] for p in s.split("+")} & set(missing))], missing
+
+
+def markdown(record) -> str:
+    fractions = record["fractions"]
+    lines = [
+        f"# Method quality on {record['model']}: passkey accuracy ({record['prompts']} prompts, "
+        f"{record['min_tokens']}–{record['max_tokens']} tokens, question inside the compressed context)",
+        "",
+        f"Full KV: {record['full_accuracy']:.2f}. Cells: accuracy (held KV fraction).",
+        "",
+        "| method | " + " | ".join(f"{f:g}" for f in fractions) + " | smallest fraction matching full |",
+        "|---|" + "---|" * (len(fractions) + 1),
+    ]
+    for row in record["methods"]:
+        cells = [f"{a:.2f} ({k:.2f})" for a, k in zip(row["accuracy"], row["kv_fraction"])]
+        smallest = row["smallest_matching_fraction"]
+        lines.append(f"| `{row['method']}` | " + " | ".join(cells) + f" | {smallest if smallest is not None else '—'} |")
+    if record["skipped"]:
+        lines += ["", "Not run: " + "; ".join(record["skipped"])]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--prompts", type=int, default=12)
+    parser.add_argument("--seed", type=int, default=2024)
+    parser.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
+    parser.add_argument("--methods", default=",".join(DEFAULT_SPECS), help="';'-separated specs, or ',' when unambiguous")
+    parser.add_argument("--max-new-tokens", type=int, default=12)
+    parser.add_argument("--window", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    from zigzag_viz.methods.base import _split_outside_brackets
+
+    specs, missing = available(_split_outside_brackets(args.methods.replace(";", ","), ","))
+    loaded = load_model(args.model)
+    items = prompts(args.prompts, args.seed)
+    correct = {(s, f): 0 for s in specs for f in args.fractions}
+    fraction_held = {(s, f): [] for s in specs for f in args.fractions}
+    skipped = {f"{name}: not registered" for name in missing}
+    full_correct, lengths = 0, []
+    started = time.perf_counter()
+    for index, item in enumerate(items):
+        pre = runtime.prefill(loaded, loaded.encode(item.text), args.window)
+        lengths.append(pre.n_tokens)
+        full_bytes = kvcache.kv_bytes(pre.cache)
+        tokens, _ = runtime.greedy_decode(loaded, kvcache.clone(pre.cache), pre.next_logits, pre.n_tokens, args.max_new_tokens)
+        full_ok = item.answer in loaded.decode(tokens)
+        full_correct += full_ok
+        for spec in specs:
+            method = parse_spec(spec)
+            for fraction in args.fractions:
+                context = CompressionContext(pre.analysis, fraction, loaded=loaded)
+                try:
+                    run = run_method(loaded, pre, method, context, args.max_new_tokens)
+                except UserError as exc:
+                    skipped.add(f"{spec} at {fraction:g}: {exc}")
+                    continue
+                correct[spec, fraction] += item.answer in loaded.decode(run.tokens)
+                fraction_held[spec, fraction].append(run.kv_bytes / full_bytes)
+        print(f"prompt {index + 1}/{len(items)}: {pre.n_tokens} tokens, full KV {'right' if full_ok else 'wrong'}, "
+              f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
+
+    full_accuracy = full_correct / len(items)
+    rows = [{"method": "full", "accuracy": [full_accuracy] * len(args.fractions), "kv_fraction": [1.0] * len(args.fractions),
+             "relative_to_full": [1.0] * len(args.fractions), "smallest_matching_fraction": None}]
+    for spec in specs:
+        accuracy = [correct[spec, f] / len(items) for f in args.fractions]
+        held = [float(np.mean(fraction_held[spec, f])) if fraction_held[spec, f] else float("nan") for f in args.fractions]
+        matching = [f for f, a in zip(args.fractions, accuracy) if a >= full_accuracy]
+        rows.append({"method": spec, "accuracy": accuracy, "kv_fraction": [round(h, 4) for h in held],
+                     "relative_to_full": [round(a / full_accuracy, 3) if full_accuracy else None for a in accuracy],
+                     "smallest_matching_fraction": min(matching) if matching else None})
+    record = {
+        "benchmark": "method_quality", "model": loaded.name, "prompts": len(items), "seed": args.seed,
+        "min_tokens": min(lengths), "max_tokens": max(lengths), "fractions": args.fractions,
+        "max_new_tokens": args.max_new_tokens, "window": args.window, "mode": "aware",
+        "full_accuracy": full_accuracy, "methods": rows, "skipped": sorted(skipped),
+        "seconds": round(time.perf_counter() - started, 1), "date": time.strftime("%Y-%m-%d"),
+    }
+    out = args.out or RESULTS / f"method_quality_{loaded.name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(record))
+    print(markdown(record))
+    for row in rows:
+        print(f"{row['method']:<32} accuracy / full KV: " + ", ".join(
+            f"{f:g}→{r}" for f, r in zip(args.fractions, row["relative_to_full"])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

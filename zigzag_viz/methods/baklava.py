@@ -1,0 +1,149 @@
+"""BaKlaVa: per-(layer, KV head) token budgets from a one-off profiling pass, then SnapKV selection per head.
+
+BaKlaVa (arXiv 2502.13176) profiles, once per model, how much each KV head matters and gives each head a
+share of the total budget accordingly; later prompts reuse the profile. Here the importance of a KV head is
+the mean LMBA (METHOD §2, τ = 0.9: the share of keys that hold 90 % of the window's attention) of the query
+heads that read it, averaged over generated calibration prompts: a head that spreads its attention needs
+more tokens. (The paper derives importance from other attention-head statistics; LMBA keeps one signal
+family across this project's methods.) The profile is stored as JSON per model and reused.
+
+Budgets: total T = round(L·H_kv·B_avg) tokens with B_avg = budget·n, split as
+    B_lh = floor·B_avg + (1 − floor)·B_avg·(L·H_kv)·u_lh,   u = importance / Σ importance,
+clipped to [min(window, held_l), held_l] with the excess handed to the other heads (`fit_to_bounds` on the
+flattened L·H_kv array) and rounded so the heads sum to T exactly. Each head then keeps its top tokens by the
+chosen score (SnapKV by default), always with the window, in a `PerHeadLayer`: heads of different lengths,
+nothing padded. A sliding-window layer becomes a PerHeadLayer too, which no longer slides: decoded tokens
+are appended (for the short generations here that matters little; noted in the report).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import ClassVar
+
+import numpy as np
+
+from .. import cache as kvcache
+from .. import runtime
+from ..budgets import check_feasible, fit_to_bounds
+from ..errors import InputError
+from ..models import LoadedModel
+from ..selection import keep_top
+from .base import CompressionReport, Parameter, TokenBudgetMethod, register
+from .kvsharer import (
+    CalibrationSet,
+    Progress,
+    context_model,
+    load_calibration,
+    model_fingerprint,
+    report_progress,
+    save_calibration,
+)
+
+PROFILE_TAU = 0.9
+PROFILE_WINDOW = 32
+
+calibrations_computed = 0  # how many profiling passes this process actually ran (tests check reuse with it)
+
+
+def head_budgets(importance: np.ndarray, avg_budget: float, held: np.ndarray, window: int, floor: float) -> np.ndarray:
+    """(L, H_kv) integer tokens per head summing to round(L·H_kv·avg_budget); held (L,) tokens per layer."""
+    importance = np.clip(np.asarray(importance, dtype=np.float64), 0.0, None)
+    layers, heads = importance.shape
+    held = np.asarray(held, dtype=np.int64)
+    caps = np.repeat(held, heads)
+    count = layers * heads
+    total = check_feasible(count, avg_budget, int(held.max()), window, caps=caps)
+    low = np.minimum(window, caps)
+    share = importance.flatten() / importance.sum() if importance.sum() > 0 else np.full(count, 1.0 / count)
+    raw = floor * avg_budget + (1 - floor) * avg_budget * count * share
+    return fit_to_bounds(raw, share, low, caps, total).reshape(layers, heads)
+
+
+@register
+class BaKlaVa(TokenBudgetMethod):
+    name = "baklava"
+    summary = "token budgets per KV head from a one-off profile of head importance (LMBA), SnapKV selection per head"
+    paper = "BaKlaVa (arXiv 2502.13176)"
+    compresses = "tokens per KV head (profiled)"
+    calibration = "once per model: head importance (mean LMBA) profiled on generated prompts"
+    leaves_dense = False
+    parameters = {
+        "floor": Parameter(float, 0.3, "share of the budget spread evenly over heads", low=0.0, high=1.0),
+        "select": TokenBudgetMethod.select_parameter,
+    }
+    calibration_set: ClassVar[CalibrationSet] = CalibrationSet()
+
+    def calibration_key(self, loaded: LoadedModel) -> str:
+        return f"{model_fingerprint(loaded)}|lmba tau={PROFILE_TAU} w={PROFILE_WINDOW}|{self.calibration_set.key}"
+
+    def calibrate(self, loaded: LoadedModel, progress: Progress | None = None) -> dict:
+        """The head-importance profile of this model: stored result if present, else profiled and saved."""
+        key = self.calibration_key(loaded)
+        stored = load_calibration(loaded, self.name, key)
+        if stored is not None:
+            report_progress(progress, 1.0, "baklava: profile reused")
+            return stored
+        result = self._profile(loaded, progress)
+        save_calibration(loaded, self.name, key, result)
+        return result
+
+    def _profile(self, loaded: LoadedModel, progress: Progress | None) -> dict:
+        global calibrations_computed
+        started = time.perf_counter()
+        texts = self.calibration_set.texts()
+        total = None
+        for index, text in enumerate(texts):
+            report_progress(progress, index / len(texts), f"baklava: profiling prompt {index + 1}/{len(texts)}")
+            analysis = runtime.prefill(loaded, loaded.encode(text), PROFILE_WINDOW).analysis
+            lmba = analysis.lmba(PROFILE_TAU)  # (L, H_q)
+            groups = analysis.kv_group
+            per_kv = np.stack([lmba[:, groups == h].mean(axis=1) for h in range(int(groups.max()) + 1)], axis=1)
+            total = per_kv if total is None else total + per_kv
+        importance = total / len(texts)
+        calibrations_computed += 1
+        seconds = time.perf_counter() - started
+        report_progress(progress, 1.0, f"baklava: profiled in {seconds:.1f} s")
+        return {"importance": importance.round(6).tolist(), "prompts": len(texts), "seconds": round(seconds, 3)}
+
+    def importance(self, context) -> np.ndarray:
+        profile = self.calibrate(context_model(context, self.name), getattr(context, "progress", None))
+        importance = np.asarray(profile["importance"], dtype=np.float64)
+        if importance.shape[0] != context.analysis.num_layers:
+            raise InputError(f"baklava: the profile has {importance.shape[0]} layers, the prompt's model "
+                             f"{context.analysis.num_layers}")
+        return importance
+
+    def head_budgets(self, context, held=None) -> np.ndarray:
+        """(L, H_kv) tokens kept per KV head for this prompt."""
+        a = context.analysis
+        held = a.layer_caps if held is None else held
+        return head_budgets(self.importance(context), context.avg_budget, np.asarray(held), a.window,
+                            self.params["floor"])
+
+    def layer_budgets(self, context) -> np.ndarray:
+        """(L,) mean tokens per KV head in each layer, rounded (heads differ: see `head_budgets`)."""
+        return np.rint(self.head_budgets(context).mean(axis=1)).astype(np.int64)
+
+    def compress(self, cache, context) -> CompressionReport:
+        num_layers = kvcache.layer_count(cache)
+        for layer in range(num_layers):
+            if not kvcache.is_dense(cache, layer):
+                raise InputError("baklava evicts from dense layers: it cannot follow a method that changed their storage")
+        held = np.asarray(kvcache.layer_lengths(cache))
+        budgets = self.head_budgets(context, held)
+        window = context.analysis.window
+        for layer in range(num_layers):
+            entry = cache.layers[layer]
+            scores = self.scores(cache, layer, context)  # (H_kv, held)
+            keep = [keep_top(scores[h : h + 1], int(b), window)[0] for h, b in enumerate(budgets[layer])]
+            cache.layers[layer] = kvcache.PerHeadLayer.from_dense(entry.keys, entry.values, keep)
+        per_layer = np.rint(budgets.mean(axis=1)).astype(np.int64)
+        spread = budgets.max(axis=1) - budgets.min(axis=1)
+        notes = [
+            f"baklava: {int(budgets.sum())} tokens over {budgets.size} KV heads, {int(budgets.min())}–{int(budgets.max())} "
+            f"per head; largest spread within a layer {int(spread.max())} tokens (layer {int(spread.argmax())})"
+        ]
+        if context.analysis.sliding_layers.any():
+            notes.append("baklava: sliding-window layers become per-head layers that no longer slide during decoding")
+        return CompressionReport(layer_budgets=per_layer, notes=notes)

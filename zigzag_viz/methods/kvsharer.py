@@ -1,0 +1,357 @@
+"""KVSharer: later layers reuse an earlier, *dissimilar* layer's KV cache; the plan is calibrated once per model.
+
+KVSharer (Yang et al., arXiv 2410.18517) observes that letting a layer reuse the cache of a layer whose cache
+is most *unlike* its own hurts less than sharing similar ones. Calibration, once per model (saved as JSON):
+
+1. on a handful of generated passkey prompts, the mean key and the mean value of each layer (over tokens,
+   then over prompts), flattened into one vector per layer;
+2. every layer pair (source m < target l, both of the same attention kind) ranked by the Euclidean distance
+   of those vectors, most dissimilar first;
+3. greedily, a pair is accepted when its target is neither a source nor a target yet, its source is not a
+   target, and the model still behaves: with every accepted sharing (and the candidate) applied to the
+   prefilled cache of each calibration prompt minus its last few tokens, feeding those tokens through it
+   gives logits whose cosine with the full cache's logits is ≥ `threshold` (mean over tokens and prompts);
+4. stop once round(share·L) layers share.
+
+Storage: a target layer holds no tensor at all. Its `update` ignores its own new keys/values and returns the
+source layer's current dense keys and values (the source is earlier, so it has already taken this step's
+token). Differences from the paper: there sharing is applied from prefill on and the check compares the last
+layer's hidden state; here compression happens after a full prefill (METHOD §6), so the check feeds tokens
+through the compressed cache and compares the last tokens' logits (the final hidden state through the LM head).
+
+This module also holds the small helpers that every calibrated method uses (generated calibration prompts,
+JSON storage under `cache_folder()/calibration/<model>/<method>.json`, access to the model via the context).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import numpy as np
+import torch
+
+from .. import cache as kvcache
+from .. import runtime
+from ..errors import InputError
+from ..models import LoadedModel, cache_folder
+from ..prompts import passkey_prompt
+from .base import CompressionMethod, CompressionReport, Parameter, register
+
+Progress = Callable[[float, str], None]
+
+
+# ---------------------------------------------------------------- helpers shared by the calibrated methods
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Generated passkey prompts used for calibration: `prompts` of `sentences` filler sentences, seeds from `seed`.
+
+    20 sentences is a few hundred tokens with the SmolLM2 tokenizer. Never downloaded data.
+    """
+
+    prompts: int = 4
+    sentences: int = 20
+    seed: int = 1000
+
+    @property
+    def key(self) -> str:
+        return f"cal{self.prompts}x{self.sentences}s{self.seed}"
+
+    def texts(self) -> list[str]:
+        return [
+            passkey_prompt(n_sentences=self.sentences, depth=(i + 1) / (self.prompts + 1), seed=self.seed + i).text
+            for i in range(self.prompts)
+        ]
+
+
+def model_slug(name: str) -> str:
+    """A folder name for a model name or path: 'smollm2', '/data/my model' → 'data_my_model'."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+    return slug[-100:]
+
+
+def model_fingerprint(loaded: LoadedModel) -> str:
+    """What a calibration result depends on besides the method's parameters: the model and its numerics."""
+    config = loaded.config
+    return (
+        f"{loaded.name}|L{loaded.num_layers}|H{loaded.num_query_heads}/{loaded.num_kv_heads}"
+        f"|d{getattr(config, 'hidden_size', '?')}|{str(loaded.dtype).replace('torch.', '')}"
+    )
+
+
+def calibration_path(loaded: LoadedModel, method: str) -> Path:
+    return cache_folder() / "calibration" / model_slug(loaded.name) / f"{method}.json"
+
+
+_store_lock = threading.Lock()
+
+
+def stored_entries(loaded: LoadedModel, method: str) -> dict:
+    """Every stored calibration result of `method` for this model, by key (empty when none or unreadable)."""
+    path = calibration_path(loaded, method)
+    try:
+        with _store_lock:
+            data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    entries = data.get("entries") if isinstance(data, dict) else None
+    return entries if isinstance(entries, dict) else {}
+
+
+def load_calibration(loaded: LoadedModel, method: str, key: str) -> dict | None:
+    """The stored calibration result for `key`, or None."""
+    entry = stored_entries(loaded, method).get(key)
+    return entry if isinstance(entry, dict) else None
+
+
+def save_calibration(loaded: LoadedModel, method: str, key: str, result: dict) -> Path:
+    """Add `result` under `key` to the method's JSON file for this model (atomic replace)."""
+    path = calibration_path(loaded, method)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _store_lock:
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
+                raise ValueError
+        except (OSError, ValueError):
+            data = {"method": method, "model": loaded.name, "entries": {}}
+        data["entries"][key] = result
+        temporary = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        temporary.write_text(json.dumps(data, indent=1))
+        temporary.replace(path)
+    return path
+
+
+def context_model(context, method: str) -> LoadedModel:
+    """The model a calibrated method needs, from the compression context."""
+    loaded = getattr(context, "loaded", None)
+    if loaded is None:
+        raise InputError(
+            f"{method} calibrates on the model: the compression context must carry it (context.loaded = loaded)"
+        )
+    return loaded
+
+
+def report_progress(progress: Progress | None, fraction: float, message: str) -> None:
+    if progress is not None:
+        progress(min(max(float(fraction), 0.0), 1.0), message)
+
+
+def shallow_cache(loaded: LoadedModel, source) -> object:
+    """A new cache whose dense layers start from `source`'s tensors without copying them.
+
+    Feeding tokens through it replaces the layers' tensors (torch.cat makes new ones), so `source` is untouched.
+    """
+    cache = runtime.new_cache(loaded)
+    cache.layers = [copy.copy(layer) for layer in source.layers]
+    return cache
+
+
+def layer_kind(layer) -> tuple:
+    """Layers may only share or merge with layers of the same attention kind (global, or the same sliding window)."""
+    return bool(getattr(layer, "is_sliding", False)), getattr(layer, "sliding_window", None)
+
+
+# ---------------------------------------------------------------- KVSharer
+
+
+class SharedLayer(kvcache.CompressedLayer):
+    """A layer that stores nothing and attends over another (earlier) layer's keys and values."""
+
+    def __init__(self, source, source_index: int):
+        super().__init__()
+        self.source = source
+        self.source_index = source_index
+        self.keys = self.values = None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """This layer's own new keys/values are dropped: attention reads the source layer's (already updated) cache."""
+        return self.source.keys, self.source.values
+
+    def tensors(self):
+        return []
+
+    def held_tokens(self) -> int:
+        """Tokens attention sees through this layer (none of them stored here)."""
+        return int(self.source.keys.shape[-2])
+
+
+def apply_sharing(cache, pairs: list[tuple[int, int]]) -> None:
+    """Replace each target layer by a SharedLayer reading its source: pairs are (target, source), source < target."""
+    for target, source in pairs:
+        if not kvcache.is_dense(cache, source) or not kvcache.is_dense(cache, target):
+            raise InputError("kvsharer shares dense layers: it cannot follow a method that changed their storage")
+        cache.layers[target] = SharedLayer(cache.layers[source], source)
+
+
+calibrations_computed = 0  # how many calibrations this process actually ran (tests check reuse with it)
+
+
+@register
+class KVSharer(CompressionMethod):
+    name = "kvsharer"
+    summary = "later layers reuse the cache of the most dissimilar earlier layer that keeps outputs close (calibrated once)"
+    paper = "KVSharer (arXiv 2410.18517)"
+    compresses = "whole layers (shared)"
+    stage = "layers"
+    calibration = "once per model: mean KV per layer and an output-cosine check on generated prompts"
+    leaves_dense = False
+    parameters = {
+        "share": Parameter(float, 0.25, "fraction of layers that reuse another layer's cache", low=0.0, high=0.9),
+        "threshold": Parameter(float, 0.95, "min cosine of last-token logits vs full on calibration prompts",
+                               low=-1.0, high=1.0),
+    }
+    calibration_set: ClassVar[CalibrationSet] = CalibrationSet()
+    check_tokens: ClassVar[int] = 8
+
+    def target_count(self, num_layers: int) -> int:
+        return min(int(round(self.params["share"] * num_layers)), max(num_layers - 1, 0))
+
+    def calibration_key(self, loaded: LoadedModel, share: float | None = None) -> str:
+        share = self.params["share"] if share is None else share
+        return (
+            f"{model_fingerprint(loaded)}|share={share}|threshold={self.params['threshold']}"
+            f"|tail={self.check_tokens}|{self.calibration_set.key}"
+        )
+
+    def calibrate(self, loaded: LoadedModel, progress: Progress | None = None) -> dict:
+        """The sharing plan for this model: stored result if present, else computed and saved (SmolLM2 on two
+        CPU cores: about 50 s at the defaults, 100 s when the search runs through every pair).
+
+        The greedy search accepts pairs in one fixed order, so the plan for a smaller share is the start of the
+        plan for a larger one (same threshold): a stored larger plan, or one whose search ran out of pairs, is
+        reused for any smaller share without recomputing.
+        """
+        key = self.calibration_key(loaded)
+        stored = load_calibration(loaded, self.name, key)
+        if stored is None:
+            stored = self._derived(loaded)
+        if stored is not None:
+            report_progress(progress, 1.0, "kvsharer: calibration reused")
+            return stored
+        result = self._compute(loaded, progress)
+        save_calibration(loaded, self.name, key, result)
+        return result
+
+    def _derived(self, loaded: LoadedModel) -> dict | None:
+        """The plan cut from a stored plan of the same search with a larger share, if any."""
+        wanted = self.target_count(loaded.num_layers)
+        entries = stored_entries(loaded, self.name)
+        for share in sorted({float(k.split("|share=")[1].split("|")[0]) for k in entries if "|share=" in k}):
+            entry = entries.get(self.calibration_key(loaded, share))
+            if not isinstance(entry, dict) or not all("order" in p for p in entry.get("pairs", [None])):
+                continue
+            if entry.get("wanted", -1) >= wanted or len(entry["pairs"]) < entry.get("wanted", -1):
+                ordered = sorted(entry["pairs"], key=lambda p: p["order"])[:wanted]
+                return {**entry, "pairs": sorted(ordered, key=lambda p: p["target"]), "wanted": wanted,
+                        "derived_from_share": share}
+        return None
+
+    def _compute(self, loaded: LoadedModel, progress: Progress | None) -> dict:
+        global calibrations_computed
+        started = time.perf_counter()
+        num_layers = loaded.num_layers
+        wanted = self.target_count(num_layers)
+        texts = self.calibration_set.texts()
+        tail = self.check_tokens
+        prefixes, tails, references = [], [], []
+        sums: np.ndarray | None = None
+        kinds: list[tuple] = []
+        for index, text in enumerate(texts):
+            report_progress(progress, 0.3 * index / len(texts), f"kvsharer: calibration prompt {index + 1}/{len(texts)}")
+            ids = loaded.encode(text)
+            if ids.shape[1] <= tail + 1:
+                raise InputError("kvsharer: calibration prompts are too short")
+            prefix = runtime.new_cache(loaded)
+            with loaded.lock:
+                runtime.forward_tokens(loaded, prefix, ids[:, :-tail], 0, last_only=True)
+                reference = runtime.forward_tokens(loaded, shallow_cache(loaded, prefix), ids[:, -tail:],
+                                                   ids.shape[1] - tail)
+            means = np.stack([
+                torch.cat([layer.keys[0].float().mean(dim=1).flatten(), layer.values[0].float().mean(dim=1).flatten()])
+                .cpu().numpy().astype(np.float64)
+                for layer in prefix.layers
+            ])  # (L, 2·H_kv·d)
+            sums = means if sums is None else sums + means
+            kinds = [layer_kind(layer) for layer in prefix.layers]
+            prefixes.append(prefix)
+            tails.append((ids[:, -tail:], ids.shape[1] - tail))
+            references.append(reference)
+        means = sums / len(texts)
+        ranked = sorted(
+            ((float(np.linalg.norm(means[m] - means[l])), m, l)
+             for l in range(num_layers) for m in range(l) if kinds[m] == kinds[l]),
+            key=lambda item: -item[0],
+        )
+
+        def check(pairs: list[tuple[int, int]]) -> float:
+            cosines = []
+            for prefix, (tail_ids, start), reference in zip(prefixes, tails, references):
+                cache = shallow_cache(loaded, prefix)
+                apply_sharing(cache, pairs)
+                logits = runtime.forward_tokens(loaded, cache, tail_ids, start)
+                cosines.append(torch.nn.functional.cosine_similarity(logits, reference, dim=-1).mean().item())
+            return float(np.mean(cosines))
+
+        accepted: list[dict] = []
+        targets: set[int] = set()
+        sources: set[int] = set()
+        checked = 0
+        for rank, (distance, source, target) in enumerate(ranked):
+            if len(accepted) >= wanted:
+                break
+            if target in targets or target in sources or source in targets:
+                continue
+            report_progress(progress, 0.3 + 0.7 * rank / max(len(ranked), 1),
+                            f"kvsharer: checking layer {target} ← {source} ({len(accepted)}/{wanted} accepted)")
+            pairs = [(a["target"], a["source"]) for a in accepted] + [(target, source)]
+            with loaded.lock:
+                cosine = check(pairs)
+            checked += 1
+            if cosine >= self.params["threshold"]:
+                accepted.append({"target": target, "source": source, "distance": round(distance, 6),
+                                 "cosine": round(cosine, 6), "order": len(accepted)})
+                targets.add(target)
+                sources.add(source)
+        calibrations_computed += 1
+        seconds = time.perf_counter() - started
+        report_progress(progress, 1.0, f"kvsharer: {len(accepted)} of {wanted} layers share ({seconds:.1f} s)")
+        return {
+            "pairs": sorted(accepted, key=lambda a: a["target"]),
+            "wanted": wanted,
+            "num_layers": num_layers,
+            "checked": checked,
+            "prompts": len(texts),
+            "seconds": round(seconds, 3),
+        }
+
+    def compress(self, cache, context) -> CompressionReport:
+        loaded = context_model(context, self.name)
+        num_layers = kvcache.layer_count(cache)
+        if self.target_count(num_layers) == 0:
+            return CompressionReport(layer_budgets=np.asarray(kvcache.layer_lengths(cache)),
+                                     notes=["kvsharer: share rounds to 0 layers, nothing shared"])
+        plan = self.calibrate(loaded, getattr(context, "progress", None))
+        if plan["num_layers"] != num_layers:
+            raise InputError(f"kvsharer: the plan is for {plan['num_layers']} layers, the cache has {num_layers}")
+        pairs = [(p["target"], p["source"]) for p in plan["pairs"]]
+        apply_sharing(cache, pairs)
+        budgets = [0 if isinstance(entry, SharedLayer) else n for entry, n in zip(cache.layers, kvcache.layer_lengths(cache))]
+        notes = [
+            f"kvsharer: {len(pairs)} of {num_layers} layers reuse another layer's cache "
+            f"(calibrated in {plan['seconds']:.1f} s on {plan['prompts']} prompts, {plan['checked']} checks): "
+            + ", ".join(f"{p['target']}←{p['source']} (cos {p['cosine']:.3f})" for p in plan["pairs"])
+        ]
+        if len(pairs) < plan["wanted"]:
+            notes.append(f"kvsharer: only {len(pairs)} of {plan['wanted']} layers passed the cosine check "
+                         f"≥ {self.params['threshold']}")
+        return CompressionReport(layer_budgets=np.asarray(budgets), notes=notes)
