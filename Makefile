@@ -37,8 +37,11 @@ test: install browser
 test-fast: install
 	$(PY) -m pytest -m "not slow"
 
+# Benchmarks write their results to benchmarks/results/ (minutes on a CPU).
 bench: install
-	$(PY) benchmarks/decode_speed.py --model smollm2
+	$(PY) benchmarks/capture_overhead.py --model smollm2 --tokens 1024 2048 4096 8192 --json
+	$(PY) benchmarks/app_latency.py --model smollm2
+	$(PY) benchmarks/method_quality.py --model smollm2
 
 clean:
 	rm -rf $(VENV) .pytest_cache tests/artifacts

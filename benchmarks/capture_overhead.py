@@ -37,11 +37,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def prompt_ids(loaded, tokens: int) -> torch.Tensor:
     """Exactly `tokens` ids of varied passkey prose (ends with the question when long enough)."""
-    sentences = tokens // 12 + 10
-    ids = loaded.encode(passkey_prompt(n_sentences=sentences, depth=0.5, seed=tokens).text)
-    if ids.shape[1] < tokens:
-        raise SystemExit(f"prompt too short: {ids.shape[1]} < {tokens}")
-    return ids[:, -tokens:]
+    text = passkey_prompt(n_sentences=tokens // 12 + 10, depth=0.5, seed=tokens).text
+    ids = loaded.tokenizer(text)["input_ids"]
+    if len(ids) < tokens:
+        raise SystemExit(f"prompt too short: {len(ids)} < {tokens}")
+    return torch.tensor([ids[-tokens:]], device=loaded.device)
 
 
 def _peak_reset(device: torch.device) -> float:

@@ -17,7 +17,8 @@ from zigzag_viz.methods import CompressionContext, parse_spec
 from zigzag_viz.methods import baklava as baklava_module
 from zigzag_viz.methods import kvsharer as kvsharer_module
 from zigzag_viz.methods.baklava import BaKlaVa, head_budgets
-from zigzag_viz.methods.kvsharer import CalibrationSet, KVSharer, SharedLayer, calibration_path
+from zigzag_viz.methods.calibration import CalibrationSet, calibration_path
+from zigzag_viz.methods.kvsharer import KVSharer, SharedLayer
 from zigzag_viz.methods.minicache import MergedLayer, pair_layers, slerp_directions
 from zigzag_viz.prompts import passkey_prompt
 

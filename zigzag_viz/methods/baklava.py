@@ -30,7 +30,7 @@ from ..errors import InputError
 from ..models import LoadedModel
 from ..selection import keep_top
 from .base import CompressionReport, Parameter, TokenBudgetMethod, register
-from .kvsharer import (
+from .calibration import (
     CalibrationSet,
     Progress,
     context_model,

@@ -25,7 +25,7 @@ import torch
 from .. import cache as kvcache
 from ..errors import InputError
 from .base import CompressionMethod, CompressionReport, Parameter, register
-from .kvsharer import layer_kind
+from .calibration import layer_kind
 
 
 def slerp_directions(a: torch.Tensor, b: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
