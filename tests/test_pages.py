@@ -154,3 +154,33 @@ def test_default_comparison_models_are_embedded():
     models = ui.default_comparison_models()
     assert len(models) == 2 and models[0] == "smollm2"
     assert set(models) <= set(ui.EMBEDDED_MODELS)
+
+
+COMPARE = str(ROOT / "pages" / "1_Compare.py")
+
+
+def test_compare_page_offers_every_method_with_its_parameters_and_runs_compositions():
+    from zigzag_viz.methods import METHODS
+
+    at = _open(COMPARE)
+    picker = at.multiselect(key="methods")
+    assert list(picker.options) == list(METHODS)
+    picker.set_value(["full", "zigzag", "kivi", "think", "adakv"]).run()
+    labels = {w.label for w in list(at.number_input) + list(at.selectbox) + list(at.text_input)}
+    for name in ("zigzag", "kivi", "think", "adakv"):
+        for parameter in METHODS[name].parameters:
+            assert f"{name}: {parameter}" in labels
+    at.text_input(key="methods_extra").set_value("zigzag+kivi, uniform[select=knorm]").run()
+    next(s for s in at.slider if s.label == "Kept fraction of the prompt").set_value(0.5).run()
+    _button(at, "Run").click().run()
+    _no_traceback(at)
+    table = at.dataframe[0].value
+    assert list(table["method"]) == ["full", "zigzag", "kivi", "think", "adakv", "zigzag+kivi", "uniform[select=knorm]"]
+    assert (table["kv_fraction"].iloc[1:] < 1).all() and (table["kv_fraction"].iloc[1:] > 0).all()
+
+
+def test_compare_page_reports_a_bad_spec_without_running():
+    at = _open(COMPARE)
+    at.text_input(key="methods_extra").set_value("zigzag+l2norm").run()
+    assert "different axes" in _messages(at)
+    _no_traceback(at)
