@@ -28,8 +28,11 @@ browser:
 		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver; \
 	fi
 
+# Serves the app and opens it in the default browser when there is one (headless: no first-run questions).
 app: install
-	$(VENV)/bin/streamlit run app.py --server.port $(PORT)
+	@echo "zigzag_viz on http://localhost:$(PORT)"
+	@(sleep 5; $(PY) -m webbrowser -t http://localhost:$(PORT) >/dev/null 2>&1 || true) &
+	$(VENV)/bin/streamlit run app.py --server.port $(PORT) --server.headless true
 
 test: install browser
 	$(PY) -m pytest
