@@ -79,3 +79,33 @@ def test_compare_reports_every_method_against_full(tiny):
         assert 0.0 <= rows[name].token_agreement <= 1.0
         assert sum(rows[name].layer_budgets) == round(4 * 0.3 * result.n_tokens)
     assert np.isclose(result.table()["kv_fraction"].iloc[0], 1.0)
+
+
+@pytest.mark.parametrize("spec", ["zigzag", "adakv", "kivi[residual=4096]", "think[keep=1.0]"])
+def test_teacher_forced_kl_is_zero_when_everything_is_kept(tiny, spec):
+    prompt = passkey_prompt(n_sentences=10, seed=6).text
+    result = compare(tiny, prompt, f"full,{spec}", budget=1.0, max_new_tokens=8, window=16)
+    for row in result.results:
+        assert row.kl_mean <= 1e-6 and row.top1_agreement == 1.0
+        assert len(row.kl_curve) == len(result.results[0].token_ids)
+
+
+def test_a_destructive_budget_shows_kl_above_zero(tiny):
+    prompt = passkey_prompt(n_sentences=20, seed=6).text
+    result = compare(tiny, prompt, "full,uniform,streaming", budget=0.05, max_new_tokens=8, window=16)
+    full, *compressed = result.results
+    assert full.kl_mean == 0.0 and full.top1_agreement == 1.0
+    for row in compressed:
+        assert row.kl_curve[0] == 0.0  # the first token comes from the uncompressed prefill
+        assert row.kl_mean > 0.0
+        assert {"kl_mean", "top1_agreement", "kl_curve", "top1_curve"} <= set(row.to_json())
+
+
+def test_kl_and_top1_helpers():
+    from zigzag_viz.metrics import kl_per_step, top1_per_step
+
+    a = np.array([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    b = np.array([[2.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    kl = kl_per_step(a, b)
+    assert kl[0] == pytest.approx(0.0, abs=1e-12) and kl[1] > 0
+    assert top1_per_step(a, b).tolist() == [1.0, 0.0]

@@ -6,12 +6,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
+import numpy as np
+import torch
+
 from . import cache as kvcache
 from . import runtime
 from .budgets import average_budget
 from .capture import PromptAnalysis
 from .methods import CompressionContext, CompressionMethod, parse_specs
-from .metrics import first_divergence, kv_fraction, task_score, token_agreement
+from .metrics import first_divergence, kl_per_step, kv_fraction, task_score, token_agreement, top1_per_step
 from .models import LoadedModel
 
 Progress = Callable[[float, str], None]
@@ -32,6 +35,16 @@ class MethodResult:
     task_score: float | None
     compress_s: float
     decode_s: float
+    kl_curve: list[float]
+    top1_curve: list[float]
+
+    @property
+    def kl_mean(self) -> float:
+        return float(np.mean(self.kl_curve)) if self.kl_curve else 0.0
+
+    @property
+    def top1_agreement(self) -> float:
+        return float(np.mean(self.top1_curve)) if self.top1_curve else 1.0
 
     def to_json(self) -> dict:
         return {
@@ -45,6 +58,10 @@ class MethodResult:
             "layer_budgets": self.layer_budgets,
             "compress_s": round(self.compress_s, 4),
             "decode_s": round(self.decode_s, 4),
+            "kl_mean": round(self.kl_mean, 6),
+            "top1_agreement": round(self.top1_agreement, 6),
+            "kl_curve": [round(v, 6) for v in self.kl_curve],
+            "top1_curve": self.top1_curve,
         }
 
 
@@ -65,22 +82,26 @@ class Comparison:
         """One row per method (pandas DataFrame) with the headline numbers."""
         import pandas as pd
 
-        rows = [{k: v for k, v in r.to_json().items() if k != "layer_budgets"} for r in self.results]
+        hidden = {"layer_budgets", "kl_curve", "top1_curve"}
+        rows = [{k: v for k, v in r.to_json().items() if k not in hidden} for r in self.results]
         return pd.DataFrame(rows)
 
 
 class CompressedRun(NamedTuple):
-    """Greedy tokens from one compressed copy of a prefilled cache, the bytes it held and the seconds taken."""
+    """Greedy tokens from one compressed copy of a prefilled cache, the bytes it held and the seconds taken;
+    with `reference` tokens given, also its next-token logits (T, V) teacher-forced along them."""
 
     tokens: list[int]
     kv_bytes: int
     layer_budgets: list[int]
     compress_s: float
     decode_s: float
+    forced_logits: np.ndarray | None = None
 
 
 def run_method(
-    loaded: LoadedModel, pre: runtime.Prefill, method: CompressionMethod, context: CompressionContext, max_new_tokens: int
+    loaded: LoadedModel, pre: runtime.Prefill, method: CompressionMethod, context: CompressionContext,
+    max_new_tokens: int, reference: list[int] | None = None,
 ) -> CompressedRun:
     """Compress a copy of the prefilled cache with `method`, then decode greedily from the prompt's next token."""
     cache = kvcache.clone(pre.cache)
@@ -88,9 +109,22 @@ def run_method(
     report = method.compress(cache, context)
     compress_s = time.perf_counter() - started
     held = kvcache.kv_bytes(cache)
+    forced = teacher_forced_logits(loaded, kvcache.clone(cache), pre, reference) if reference else None
     started = time.perf_counter()
     tokens, _ = runtime.greedy_decode(loaded, cache, pre.next_logits, pre.n_tokens, max_new_tokens)
-    return CompressedRun(tokens, held, [int(b) for b in report.layer_budgets], compress_s, time.perf_counter() - started)
+    decode_s = time.perf_counter() - started
+    return CompressedRun(tokens, held, [int(b) for b in report.layer_budgets], compress_s, decode_s, forced)
+
+
+def teacher_forced_logits(loaded: LoadedModel, cache, pre: runtime.Prefill, reference: list[int]) -> np.ndarray:
+    """Next-token logits (T, V) at each step of `reference`, feeding its tokens through `cache` all at once."""
+    first = pre.next_logits[None].float().cpu()
+    if len(reference) == 1:
+        return first.numpy()
+    fed = torch.tensor([reference[:-1]], device=loaded.device)
+    with loaded.lock:
+        rest = runtime.forward_tokens(loaded, cache, fed, pre.n_tokens).float().cpu()
+    return torch.cat([first, rest]).numpy()
 
 
 def _report(progress: Progress | None, fraction: float, message: str) -> None:
@@ -130,17 +164,18 @@ def compare(
     _report(progress, 1 / steps, "decoding with full KV")
     reference_cache = kvcache.clone(pre.cache)
     started = time.perf_counter()
-    reference, _ = runtime.greedy_decode(loaded, reference_cache, pre.next_logits, n, max_new_tokens)
+    reference, reference_logits = runtime.greedy_decode(loaded, reference_cache, pre.next_logits, n, max_new_tokens)
+    reference_logits = torch.stack(reference_logits).float().cpu().numpy()
     reference_s = time.perf_counter() - started
     del reference_cache
 
     for index, method in enumerate(methods):
         _report(progress, (index + 1) / steps, f"{method.spec}: compress and decode")
         if method.name == "full":
-            run = CompressedRun(reference, full_bytes, kvcache.layer_lengths(pre.cache), 0.0, reference_s)
+            run = CompressedRun(reference, full_bytes, kvcache.layer_lengths(pre.cache), 0.0, reference_s, reference_logits)
         else:
-            run = run_method(loaded, pre, method, context, max_new_tokens)
-        tokens, held, budgets, compress_s, decode_s = run
+            run = run_method(loaded, pre, method, context, max_new_tokens, reference=reference)
+        tokens, held, budgets, compress_s, decode_s, forced = run
         text = loaded.decode(tokens)
         comparison.results.append(
             MethodResult(
@@ -155,6 +190,8 @@ def compare(
                 task_score=task_score(text, answer),
                 compress_s=compress_s,
                 decode_s=decode_s,
+                kl_curve=kl_per_step(reference_logits, forced).tolist(),
+                top1_curve=top1_per_step(reference_logits, forced).tolist(),
             )
         )
     _report(progress, 1.0, "done")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 
 def first_divergence(reference: Sequence[int], candidate: Sequence[int]) -> int | None:
     """Index of the first generated token where `candidate` leaves `reference`; None if they are identical."""
@@ -34,3 +36,19 @@ def task_score(text: str, answer: str | None) -> float | None:
     if not answer:
         return None
     return 1.0 if answer in text else 0.0
+
+
+def kl_per_step(reference_logits: np.ndarray, candidate_logits: np.ndarray) -> np.ndarray:
+    """KL(reference ‖ candidate) in nats for each step; logits (T, V) → (T,)."""
+    def log_softmax(x):
+        x = np.asarray(x, dtype=np.float64)
+        shifted = x - x.max(axis=-1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+    log_p, log_q = log_softmax(reference_logits), log_softmax(candidate_logits)
+    return np.maximum((np.exp(log_p) * (log_p - log_q)).sum(axis=-1), 0.0)
+
+
+def top1_per_step(reference_logits: np.ndarray, candidate_logits: np.ndarray) -> np.ndarray:
+    """1.0 where both logits (T, V) pick the same next token, else 0.0: (T,)."""
+    return (np.argmax(reference_logits, axis=-1) == np.argmax(candidate_logits, axis=-1)).astype(np.float64)
