@@ -13,6 +13,8 @@ from typing import Iterable
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from .attention import bottom_right_causal_mask
+
 
 class CacheView:
     """What a compressed layer gives attention instead of dense key/value tensors."""
@@ -50,8 +52,8 @@ def manual_attention(query, keys, values, scaling: float) -> torch.Tensor:
     q_len, k_len = query.shape[-2], keys.shape[-2]
     scores = torch.matmul(query.float(), keys.float().transpose(-1, -2)) * scaling
     if q_len > 1:
-        query_pos = torch.arange(q_len, device=query.device)[:, None] + (k_len - q_len)
-        scores = scores.masked_fill(torch.arange(k_len, device=query.device)[None, :] > query_pos, float("-inf"))
+        visible = bottom_right_causal_mask(q_len, k_len, query.device)[0]
+        scores = scores.masked_fill(~visible, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1), values.float())
 
 

@@ -138,6 +138,14 @@ def bin_texts(token_texts: list[str], edges: np.ndarray, limit: int = 80) -> lis
     return texts
 
 
+def _unseen(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """True where a query at `query_pos` may not see a key at `key_pos` (future, or beyond its sliding window)."""
+    hidden = key_pos > query_pos
+    if sliding_window is not None:
+        hidden |= (query_pos - key_pos) >= sliding_window
+    return hidden
+
+
 def window_attention(
     query: torch.Tensor, key: torch.Tensor, scaling: float, window: int, sliding_window: int | None = None
 ) -> torch.Tensor:
@@ -153,10 +161,7 @@ def window_attention(
     scores = torch.matmul(q_win, key[0].float().transpose(-1, -2)).mul_(scaling).view(num_q, w, n)
     query_pos = torch.arange(n - w, n, device=query.device)[:, None]
     key_pos = torch.arange(n, device=query.device)[None, :]
-    hidden = key_pos > query_pos
-    if sliding_window is not None:
-        hidden |= (query_pos - key_pos) >= sliding_window
-    scores.masked_fill_(hidden, float("-inf"))
+    scores.masked_fill_(_unseen(query_pos, key_pos, sliding_window), float("-inf"))
     return torch.softmax(scores, dim=-1)
 
 
@@ -172,10 +177,7 @@ def _window_output(module, query, key, value, scaling, window, keep: torch.Tenso
     q_win = query[0, :, n - w :, :].float().reshape(num_kv, group * w, dim)
     scores = torch.matmul(q_win, k.transpose(-1, -2)) * scaling  # (H_kv, g·w, B)
     query_pos = torch.arange(n - w, n, device=query.device).repeat(group)[None, :, None]
-    key_pos = positions[:, None, :]
-    hidden = key_pos > query_pos
-    if sliding_window is not None:
-        hidden |= (query_pos - key_pos) >= sliding_window
+    hidden = _unseen(query_pos, positions[:, None, :], sliding_window)
     out = torch.matmul(torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1), v)
     out = out.view(num_q, w, -1).transpose(0, 1).reshape(w, -1)
     return module.o_proj(out.to(module.o_proj.weight.dtype)).float()
