@@ -53,6 +53,10 @@ def test_compare_json_contract_on_smollm2_from_stdin(prompt_file):
     assert [r["method"] for r in rows] == ["full", "zigzag", "pyramid", "uniform"]
     for row in rows:
         assert {"method", "text", "kv_bytes", "kv_fraction", "token_agreement", "first_divergence"} <= set(row)
+        assert {"mode", "rouge_l", "kl_mean", "top1_agreement", "task_score", "prefill_s", "analysis_s",
+                "decode_s", "ms_per_token"} <= set(row)
+        assert row["mode"] == "aware" and 0.0 <= row["rouge_l"] <= 1.0 and row["ms_per_token"] > 0
+    assert rows[0]["rouge_l"] == 1.0 and rows[0]["analysis_s"] == 0.0 and rows[1]["analysis_s"] > 0
     assert rows[0]["kv_fraction"] == 1.0 and rows[0]["token_agreement"] == 1.0 and rows[0]["first_divergence"] is None
     assert answer in rows[0]["text"]
     for row in rows[1:]:
@@ -73,6 +77,10 @@ def test_compare_json_contract_on_smollm2_from_stdin(prompt_file):
         (["--prompt-file", "-", "--model", "no-such-model"], "hi", "unknown model 'no-such-model'"),
         (["--prompt-file", "-", "--model", "tiny", "--budget", "0.01"], "hello " * 200, "below the always-kept window"),
         (["--prompt-file", "-", "--model", "tiny"], "word " * 5000, "accepts at most 4096"),
+        (["--prompt-file", "-", "--mode", "sideways"], "hi", "invalid choice: 'sideways'"),
+        (["--prompt-file", "-", "--model", "tiny", "--mode", "context"], "one paragraph only", "context mode needs a question"),
+        (["--prompt-file", "-", "--model", "tiny", "--export", "/nonexistent/dir/c.json", "--budget", "1"], "hello there",
+         "cannot write /nonexistent/dir/c.json"),
     ],
 )
 def test_bad_input_exits_non_zero_with_one_line(args, stdin, message):
@@ -81,6 +89,26 @@ def test_bad_input_exits_non_zero_with_one_line(args, stdin, message):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr
     assert message in lines[0] and "Traceback" not in out.stderr
+
+
+def test_compare_context_mode_with_a_question_and_an_export(prompt_file, tmp_path):
+    path, answer = prompt_file
+    context = path.read_text().rsplit("\n\n", 1)[0]
+    source = tmp_path / "context.txt"
+    source.write_text(context)
+    export = tmp_path / "comparison.json"
+    out = run_cli("compare", "--model", "tiny", "--prompt-file", str(source), "--methods", "full,zigzag,uniform",
+                  "--budget", "0.3", "--window", "16", "--max-new-tokens", "4", "--mode", "context",
+                  "--question", "What is the pass key?", "--answer", answer, "--export", str(export), "--json")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert [r["mode"] for r in rows] == ["context"] * 3
+    whole = json.loads(export.read_text())
+    assert whole["question"] == "What is the pass key?" and whole["mode"] == "context"
+    assert whole["n_context"] < whole["n_tokens"] and whole["answer_positions"]
+    assert [r["method"] for r in whole["results"]] == ["full", "zigzag", "uniform"]
+    zigzag_map = whole["kept_map"]["methods"]["zigzag"]
+    assert len(zigzag_map) == 4 and len(zigzag_map[0]) == len(whole["kept_map"]["bin_edges"]) - 1
 
 
 def test_analyze_adds_heads_tokens_and_lmbo_without_changing_the_contract(prompt_file):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -129,6 +130,11 @@ def bin_columns(matrix: np.ndarray, edges: np.ndarray, reduce: str = "sum") -> n
     return sums
 
 
+def bins_of(positions, edges: np.ndarray) -> list[int]:
+    """Indices of the bins (from `bin_edges`) that hold the given token positions, ascending and unique."""
+    return sorted({int(b) for b in np.searchsorted(edges, np.asarray(positions, dtype=np.int64), side="right") - 1})
+
+
 def bin_texts(token_texts: list[str], edges: np.ndarray, limit: int = 80) -> list[str]:
     """The text of each bin (its tokens joined), cut to `limit` characters, for hover labels."""
     texts = []
@@ -187,6 +193,7 @@ class SignalRecorder:
     """Collects per-layer signals during one prefill; `analysis()` returns them as a PromptAnalysis.
 
     `progress(layer)` is called after each layer; raising `Cancelled` from it stops the prefill.
+    `seconds` is the wall time spent computing signals inside the prefill (progress callbacks excluded).
     """
 
     def __init__(self, num_layers: int, window: int, deep: bool = False, progress: Callable[[int], None] | None = None):
@@ -203,8 +210,10 @@ class SignalRecorder:
         self.lmbo_cos = np.zeros((num_layers, len(LMBO_GRID))) if deep else None
         self.kv_group: np.ndarray | None = None
         self.n_tokens = 0
+        self.seconds = 0.0
 
     def on_attention(self, module, query, key, value, scaling, sliding_window) -> None:
+        started = time.perf_counter()
         layer = module.layer_idx
         n = query.shape[2]
         probs = window_attention(query, key, scaling, self.window, sliding_window)  # (H_q, w, n)
@@ -227,6 +236,7 @@ class SignalRecorder:
         self.n_tokens = n
         if self.deep:
             self._lmbo(module, layer, query, key, value, scaling, sliding_window, rows, group)
+        self.seconds += time.perf_counter() - started
         if self.progress is not None:
             self.progress(layer)
 
@@ -245,8 +255,10 @@ class SignalRecorder:
             self.lmbo_cos[layer, index] = torch.nn.functional.cosine_similarity(full, part, dim=-1).mean().item()
 
     def on_layer(self, layer: int, hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> None:
+        started = time.perf_counter()
         cos = torch.nn.functional.cosine_similarity(hidden_in[0].float(), hidden_out[0].float(), dim=-1)
         self.hidden[layer] = (1.0 - cos).cpu().numpy()
+        self.seconds += time.perf_counter() - started
 
     def analysis(self) -> PromptAnalysis:
         missing = [i for i, rows in enumerate(self.rows) if rows is None]

@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated method specs")
     compare.add_argument("--max-new-tokens", type=_positive_int, default=32)
     compare.add_argument("--answer", default=None, help="known answer, for the task score")
+    compare.add_argument("--mode", choices=("aware", "context"), default="aware",
+                         help="aware: compress after context and question; context: compress the context, then "
+                              "feed the question through the compressed cache")
+    compare.add_argument("--question", default=None,
+                         help="question appended after a blank line (default in context mode: the prompt's last paragraph)")
+    compare.add_argument("--export", default=None, metavar="PATH",
+                         help="also write the whole comparison (settings, rows, kept-token maps) as JSON to PATH")
 
     commands.add_parser("methods", help="list the compression methods and their parameters")
     return parser
@@ -161,7 +168,13 @@ def run_compare(args) -> list[dict]:
     methods = parse_specs(args.methods)
     text = read_prompt(args.prompt_file)
     loaded = load_model(args.model)
-    result = compare(loaded, text, methods, args.budget, args.max_new_tokens, args.window, answer=args.answer)
+    result = compare(loaded, text, methods, args.budget, args.max_new_tokens, args.window, answer=args.answer,
+                     mode=args.mode, question=args.question)
+    if args.export:
+        try:
+            Path(args.export).write_text(json.dumps(result.to_json()), encoding="utf-8")
+        except OSError as exc:
+            raise InputError(f"cannot write {args.export}: {exc.strerror or exc}") from None
     return [r.to_json() for r in result.results]
 
 
@@ -212,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 print(json.dumps(rows))
             else:
-                _print_table(rows, ["method", "kv_fraction", "token_agreement", "first_divergence", "task_score", "text"])
+                _print_table(rows, ["method", "mode", "kv_fraction", "token_agreement", "rouge_l", "kl_mean", "first_divergence",
+                                   "task_score", "ms_per_token", "text"])
         return 0
     except UserError as exc:
         print(f"zigzag-viz: error: {exc}", file=sys.stderr)

@@ -1,4 +1,8 @@
-"""Stage 5, generate and compare: one prefill shared by every method, greedy decoding, metrics against full KV."""
+"""Stage 5, generate and compare: one prefill shared by every method, greedy decoding, metrics against full KV.
+
+Two settings (METHOD §6): `aware` compresses after the whole prompt, question included (SnapKV's setting);
+`context` compresses the context alone and then feeds the question through the compressed cache (kvpress's).
+"""
 
 from __future__ import annotations
 
@@ -12,31 +16,46 @@ import torch
 from . import cache as kvcache
 from . import runtime
 from .budgets import average_budget
-from .capture import PromptAnalysis
+from .capture import PromptAnalysis, bin_columns, bin_edges, bin_texts
 from .methods import CompressionContext, CompressionMethod, parse_specs
-from .metrics import first_divergence, kl_per_step, kv_fraction, task_score, token_agreement, top1_per_step
+from .metrics import (
+    answer_token_positions, first_divergence, kept_token_map, kl_per_step, kv_fraction, rouge_l, task_score,
+    token_agreement, top1_per_step,
+)
+from .errors import InputError
 from .models import LoadedModel
+from .prompts import split_question
 
 Progress = Callable[[float, str], None]
+MODES = ("aware", "context")
 
 
 @dataclass
 class MethodResult:
-    """One method's answer and what its cache cost. `first_divergence` is a generated-token index or None."""
+    """One method's answer, what its cache cost and what it kept.
+
+    `first_divergence` is a generated-token index or None; seconds are wall time; `kept_map` (L, n_context)
+    is the share of each layer's KV heads that kept each compressed prompt token.
+    """
 
     method: str
+    mode: str
     text: str
     token_ids: list[int]
     kv_bytes: int
     kv_fraction: float
     token_agreement: float
     first_divergence: int | None
+    rouge_l: float
     layer_budgets: list[int]
     task_score: float | None
+    prefill_s: float
+    analysis_s: float
     compress_s: float
     decode_s: float
     kl_curve: list[float]
     top1_curve: list[float]
+    kept_map: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 0)))
 
     @property
     def kl_mean(self) -> float:
@@ -46,20 +65,30 @@ class MethodResult:
     def top1_agreement(self) -> float:
         return float(np.mean(self.top1_curve)) if self.top1_curve else 1.0
 
+    @property
+    def ms_per_token(self) -> float:
+        """Decoding wall time per generated token, in milliseconds."""
+        return 1000.0 * self.decode_s / max(len(self.token_ids), 1)
+
     def to_json(self) -> dict:
         return {
             "method": self.method,
+            "mode": self.mode,
             "text": self.text,
             "kv_bytes": self.kv_bytes,
             "kv_fraction": round(self.kv_fraction, 6),
             "token_agreement": round(self.token_agreement, 6),
             "first_divergence": self.first_divergence,
+            "rouge_l": round(self.rouge_l, 6),
             "task_score": self.task_score,
-            "layer_budgets": self.layer_budgets,
-            "compress_s": round(self.compress_s, 4),
-            "decode_s": round(self.decode_s, 4),
             "kl_mean": round(self.kl_mean, 6),
             "top1_agreement": round(self.top1_agreement, 6),
+            "layer_budgets": self.layer_budgets,
+            "prefill_s": round(self.prefill_s, 4),
+            "analysis_s": round(self.analysis_s, 4),
+            "compress_s": round(self.compress_s, 4),
+            "decode_s": round(self.decode_s, 4),
+            "ms_per_token": round(self.ms_per_token, 3),
             "kl_curve": [round(v, 6) for v in self.kl_curve],
             "top1_curve": self.top1_curve,
         }
@@ -67,16 +96,26 @@ class MethodResult:
 
 @dataclass
 class Comparison:
-    """Full KV and each requested method on one prompt."""
+    """Full KV and each requested method on one prompt. `n_tokens` counts the whole prompt, `n_context` the
+    tokens that were compressed (all of them in aware mode, those before the question in context mode)."""
 
     model: str
+    mode: str
     n_tokens: int
+    n_context: int
+    question: str | None
     budget: float
     window: int
-    prefill_s: float
     full_bytes: int
     analysis: PromptAnalysis
+    prompt_tokens: list[str]
+    answer: str | None = None
     results: list[MethodResult] = field(default_factory=list)
+
+    @property
+    def answer_positions(self) -> list[int]:
+        """Compressed prompt tokens that spell the known answer."""
+        return [p for p in answer_token_positions(self.prompt_tokens, self.answer) if p < self.n_context]
 
     def table(self):
         """One row per method (pandas DataFrame) with the headline numbers."""
@@ -86,50 +125,101 @@ class Comparison:
         rows = [{k: v for k, v in r.to_json().items() if k not in hidden} for r in self.results]
         return pd.DataFrame(rows)
 
+    def to_json(self, max_bins: int = 512) -> dict:
+        """Everything about this comparison: settings, every row, and each method's kept-token map binned to
+        at most `max_bins` columns (bin edges and texts included)."""
+        edges = bin_edges(self.n_context, max_bins)
+        return {
+            "model": self.model,
+            "mode": self.mode,
+            "n_tokens": self.n_tokens,
+            "n_context": self.n_context,
+            "question": self.question,
+            "answer": self.answer,
+            "budget": self.budget,
+            "window": self.window,
+            "full_bytes": self.full_bytes,
+            "answer_positions": self.answer_positions,
+            "kept_map": {
+                "bin_edges": edges.tolist(),
+                "bin_texts": bin_texts(self.prompt_tokens[: self.n_context], edges),
+                "methods": {r.method: np.round(bin_columns(r.kept_map, edges, "mean"), 4).tolist() for r in self.results},
+            },
+            "results": [r.to_json() for r in self.results],
+        }
+
 
 class CompressedRun(NamedTuple):
-    """Greedy tokens from one compressed copy of a prefilled cache, the bytes it held and the seconds taken;
-    with `reference` tokens given, also its next-token logits (T, V) teacher-forced along them."""
+    """Greedy tokens from one compressed copy of a prefilled cache, the bytes it held, what it kept and the
+    seconds taken; with `reference` tokens given, also its next-token logits (T, V) teacher-forced along them."""
 
     tokens: list[int]
     kv_bytes: int
     layer_budgets: list[int]
+    kept: dict
     compress_s: float
+    question_s: float
     decode_s: float
     forced_logits: np.ndarray | None = None
 
 
+def feed_question(loaded: LoadedModel, cache, pre: runtime.Prefill, question_ids: torch.Tensor | None):
+    """Next-token logits (V,), the next position and the seconds taken, after feeding `question_ids` (1, k)
+    through `cache` (context mode); the prefill's own logits when there is no question to feed."""
+    if question_ids is None or question_ids.shape[1] == 0:
+        return pre.next_logits, pre.n_tokens, 0.0
+    started = time.perf_counter()
+    with loaded.lock:
+        logits = runtime.forward_tokens(loaded, cache, question_ids, pre.n_tokens, last_only=True)[-1]
+    return logits, pre.n_tokens + question_ids.shape[1], time.perf_counter() - started
+
+
 def run_method(
     loaded: LoadedModel, pre: runtime.Prefill, method: CompressionMethod, context: CompressionContext,
-    max_new_tokens: int, reference: list[int] | None = None,
+    max_new_tokens: int, reference: list[int] | None = None, question_ids: torch.Tensor | None = None,
 ) -> CompressedRun:
-    """Compress a copy of the prefilled cache with `method`, then decode greedily from the prompt's next token."""
+    """Compress a copy of the prefilled cache with `method`, feed the question if any, then decode greedily."""
     cache = kvcache.clone(pre.cache)
     started = time.perf_counter()
     report = method.compress(cache, context)
     compress_s = time.perf_counter() - started
     held = kvcache.kv_bytes(cache)
-    forced = teacher_forced_logits(loaded, kvcache.clone(cache), pre, reference) if reference else None
+    next_logits, position, question_s = feed_question(loaded, cache, pre, question_ids)
+    forced = None
+    if reference:
+        forced = teacher_forced_logits(loaded, kvcache.clone(cache), next_logits, position, reference)
     started = time.perf_counter()
-    tokens, _ = runtime.greedy_decode(loaded, cache, pre.next_logits, pre.n_tokens, max_new_tokens)
+    tokens, _ = runtime.greedy_decode(loaded, cache, next_logits, position, max_new_tokens)
     decode_s = time.perf_counter() - started
-    return CompressedRun(tokens, held, [int(b) for b in report.layer_budgets], compress_s, decode_s, forced)
+    budgets = [int(b) for b in report.layer_budgets]
+    return CompressedRun(tokens, held, budgets, report.kept, compress_s, question_s, decode_s, forced)
 
 
-def teacher_forced_logits(loaded: LoadedModel, cache, pre: runtime.Prefill, reference: list[int]) -> np.ndarray:
-    """Next-token logits (T, V) at each step of `reference`, feeding its tokens through `cache` all at once."""
-    first = pre.next_logits[None].float().cpu()
+def teacher_forced_logits(
+    loaded: LoadedModel, cache, first_logits: torch.Tensor, start: int, reference: list[int]
+) -> np.ndarray:
+    """Next-token logits (T, V) at each step of `reference`, feeding its tokens through `cache` from `start` at once."""
+    first = first_logits[None].float().cpu()
     if len(reference) == 1:
         return first.numpy()
     fed = torch.tensor([reference[:-1]], device=loaded.device)
     with loaded.lock:
-        rest = runtime.forward_tokens(loaded, cache, fed, pre.n_tokens).float().cpu()
+        rest = runtime.forward_tokens(loaded, cache, fed, start).float().cpu()
     return torch.cat([first, rest]).numpy()
 
 
 def _report(progress: Progress | None, fraction: float, message: str) -> None:
     if progress is not None:
         progress(fraction, message)
+
+
+def _timed_budgets(method: CompressionMethod, context: CompressionContext) -> float:
+    """Seconds the method's budget rule takes (0 for methods without one); raises on an impossible budget."""
+    if not hasattr(method, "layer_budgets"):
+        return 0.0
+    started = time.perf_counter()
+    method.layer_budgets(context)
+    return time.perf_counter() - started
 
 
 def compare(
@@ -141,57 +231,87 @@ def compare(
     window: int = 32,
     answer: str | None = None,
     progress: Progress | None = None,
+    mode: str = "aware",
+    question: str | None = None,
 ) -> Comparison:
-    """Run full KV once, then each method on a copy of the same prefilled cache; metrics are against full KV."""
+    """Run full KV once, then each method on a copy of the same prefilled cache; metrics are against full KV.
+
+    With `question` given the model reads the prompt, a blank line and the question; in context mode without
+    one, the question is the prompt's last paragraph. Seconds per row: `prefill_s` is the forward pass (and,
+    in context mode, feeding the question through that method's cache), `analysis_s` the signal capture and
+    the method's budget rule (0 for full KV), `compress_s` eviction, `decode_s` greedy decoding.
+    """
+    if mode not in MODES:
+        raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if isinstance(methods, str):
         methods = parse_specs(methods)
     if not 1 <= int(max_new_tokens) <= 4096:
-        raise ValueError("max_new_tokens must lie in [1, 4096]")
-    input_ids = loaded.encode(prompt)
+        raise InputError("max_new_tokens must lie in [1, 4096]")
+    text, asked = prompt, None
+    if mode == "context" or (question and question.strip()):
+        _, asked, text = split_question(prompt, question)
+    input_ids = loaded.encode(text)
     n = input_ids.shape[1]
-    average_budget(budget, n)
+    split = loaded.question_start(text, asked, input_ids) if mode == "context" else n
+    if split < 1:
+        raise InputError("context mode needs some context before the question")
+    average_budget(budget, split)
+    question_ids = input_ids[:, split:] if mode == "context" else None
 
-    _report(progress, 0.0, f"prefill of {n} tokens")
-    pre = runtime.prefill(loaded, input_ids, window)
+    _report(progress, 0.0, f"prefill of {split} tokens" + (f", then {n - split} question tokens" if question_ids is not None else ""))
+    pre = runtime.prefill(loaded, input_ids[:, :split], window)
     context = CompressionContext(pre.analysis, budget, loaded=loaded)
-    for method in methods:  # fail on a bad budget before any decoding
-        if hasattr(method, "layer_budgets"):
-            method.layer_budgets(context)
+    budget_s = {id(method): _timed_budgets(method, context) for method in methods}  # fails before any decoding
+    forward_s = pre.seconds - pre.analysis_s
 
     full_bytes = kvcache.kv_bytes(pre.cache)
-    comparison = Comparison(loaded.name, n, budget, pre.analysis.window, pre.seconds, full_bytes, pre.analysis)
+    comparison = Comparison(
+        loaded.name, mode, n, split, asked, budget, pre.analysis.window, full_bytes, pre.analysis,
+        loaded.token_texts(input_ids[0].tolist()), answer=answer,
+    )
+    full_lengths = kvcache.layer_lengths(pre.cache)
     steps = len(methods) + 1
     _report(progress, 1 / steps, "decoding with full KV")
     reference_cache = kvcache.clone(pre.cache)
+    next_logits, position, reference_question_s = feed_question(loaded, reference_cache, pre, question_ids)
     started = time.perf_counter()
-    reference, reference_logits = runtime.greedy_decode(loaded, reference_cache, pre.next_logits, n, max_new_tokens)
+    reference, reference_logits = runtime.greedy_decode(loaded, reference_cache, next_logits, position, max_new_tokens)
     reference_logits = torch.stack(reference_logits).float().cpu().numpy()
     reference_s = time.perf_counter() - started
+    reference_text = loaded.decode(reference)
     del reference_cache
 
     for index, method in enumerate(methods):
         _report(progress, (index + 1) / steps, f"{method.spec}: compress and decode")
         if method.name == "full":
-            run = CompressedRun(reference, full_bytes, kvcache.layer_lengths(pre.cache), 0.0, reference_s, reference_logits)
+            run = CompressedRun(reference, full_bytes, full_lengths, {}, 0.0, reference_question_s, reference_s,
+                                reference_logits)
+            analysis_s = 0.0
         else:
-            run = run_method(loaded, pre, method, context, max_new_tokens, reference=reference)
-        tokens, held, budgets, compress_s, decode_s, forced = run
-        text = loaded.decode(tokens)
+            run = run_method(loaded, pre, method, context, max_new_tokens, reference=reference, question_ids=question_ids)
+            analysis_s = pre.analysis_s + budget_s[id(method)]
+        tokens, held, budgets, kept, compress_s, question_s, decode_s, forced = run
+        text_out = loaded.decode(tokens)
         comparison.results.append(
             MethodResult(
                 method=method.spec,
-                text=text,
+                mode=mode,
+                text=text_out,
                 token_ids=tokens,
                 kv_bytes=held,
                 kv_fraction=kv_fraction(held, full_bytes),
                 token_agreement=token_agreement(reference, tokens),
                 first_divergence=first_divergence(reference, tokens),
+                rouge_l=rouge_l(reference_text, text_out),
                 layer_budgets=[int(b) for b in budgets],
-                task_score=task_score(text, answer),
+                task_score=task_score(text_out, answer),
+                prefill_s=forward_s + question_s,
+                analysis_s=analysis_s,
                 compress_s=compress_s,
                 decode_s=decode_s,
                 kl_curve=kl_per_step(reference_logits, forced).tolist(),
                 top1_curve=top1_per_step(reference_logits, forced).tolist(),
+                kept_map=kept_token_map(kept, full_lengths, split, loaded.num_kv_heads).astype(np.float32),
             )
         )
     _report(progress, 1.0, "done")

@@ -52,3 +52,45 @@ def kl_per_step(reference_logits: np.ndarray, candidate_logits: np.ndarray) -> n
 def top1_per_step(reference_logits: np.ndarray, candidate_logits: np.ndarray) -> np.ndarray:
     """1.0 where both logits (T, V) pick the same next token, else 0.0: (T,)."""
     return (np.argmax(reference_logits, axis=-1) == np.argmax(candidate_logits, axis=-1)).astype(np.float64)
+
+
+def rouge_l(reference: str, candidate: str) -> float:
+    """ROUGE-L F-measure of `candidate` against `reference` (rouge-score's tokenizer: lower-cased ASCII words)."""
+    from rouge_score import rouge_scorer
+
+    if not reference.strip() and not candidate.strip():
+        return 1.0
+    return float(rouge_scorer.RougeScorer(["rougeL"]).score(reference, candidate)["rougeL"].fmeasure)
+
+
+def kept_token_map(
+    kept: dict[int, list[np.ndarray]], held_lengths: Sequence[int], n_tokens: int, num_kv_heads: int
+) -> np.ndarray:
+    """Share of KV heads keeping each prompt token, (L, n) in [0, 1].
+
+    `kept[layer]` lists the prompt positions each KV head kept; a layer absent from `kept` still holds the
+    last `held_lengths[layer]` tokens (all of them, or a sliding window's).
+    """
+    shares = np.zeros((len(held_lengths), n_tokens))
+    for layer, held in enumerate(held_lengths):
+        if layer in kept:
+            for positions in kept[layer]:
+                shares[layer, np.asarray(positions, dtype=np.int64)] += 1.0 / num_kv_heads
+        else:
+            shares[layer, n_tokens - min(held, n_tokens) :] = 1.0
+    return shares
+
+
+def answer_token_positions(token_texts: Sequence[str], answer: str | None) -> list[int]:
+    """Indices of the prompt tokens that spell any occurrence of `answer` in the joined token texts."""
+    if not answer:
+        return []
+    text = "".join(token_texts)
+    starts = np.cumsum([0] + [len(t) for t in token_texts])
+    positions: set[int] = set()
+    begin = text.find(answer)
+    while begin >= 0:
+        end = begin + len(answer)
+        positions.update(i for i in range(len(token_texts)) if starts[i] < end and starts[i + 1] > begin)
+        begin = text.find(answer, begin + 1)
+    return sorted(positions)

@@ -84,6 +84,31 @@ class LoadedModel:
             )
         return ids.to(self.device)
 
+    def question_start(self, text: str, question: str, ids: torch.Tensor) -> int:
+        """Index in `ids` (the encoding of `text`) of the first token of `question`, the last occurrence in `text`.
+
+        Context mode compresses the tokens before it and feeds the rest (question and chat-template tail) after.
+        """
+        templated = text
+        if self.use_chat_template:
+            templated = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+            )
+        at = templated.rfind(question)
+        if at < 0:
+            raise InputError("the question is not part of the prompt text")
+        expected = ids[0].tolist()
+        special = not self.use_chat_template
+        if getattr(self.tokenizer, "is_fast", False):
+            encoded = self.tokenizer(templated, add_special_tokens=special, return_offsets_mapping=True)
+            if list(encoded["input_ids"]) == expected:
+                return next(i for i, (_, end) in enumerate(encoded["offset_mapping"]) if end > at)
+        prefix = list(self.tokenizer(templated[:at], add_special_tokens=special)["input_ids"])
+        split = 0
+        while split < min(len(prefix), len(expected)) and prefix[split] == expected[split]:
+            split += 1
+        return split
+
     def decode(self, token_ids) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
+from importlib import resources
+
+from .errors import InputError
 
 FILLER_SENTENCES = (
     "The river bends twice before it reaches the old mill at the edge of the village.",
@@ -89,6 +93,49 @@ def passkey_prompt(n_sentences: int = 60, depth: float = 0.5, seed: int = 0, pas
     return GeneratedPrompt(text=text, answer=key, needle_depth=depth)
 
 
+def needle_prompt(n_sentences: int = 50, depth: float = 0.6, seed: int = 3) -> GeneratedPrompt:
+    """Needle in a haystack: one fact with a one-word answer hidden at relative `depth` of the filler prose."""
+    rng = random.Random(seed)
+    sentences = filler(rng, n_sentences)
+    sentences.insert(round(depth * len(sentences)), "The name of the lighthouse keeper's cat is Pepper.")
+    paragraphs = [" ".join(sentences[i : i + 6]) for i in range(0, len(sentences), 6)]
+    text = "\n\n".join(paragraphs) + "\n\nWhat is the name of the lighthouse keeper's cat? Answer with the name only."
+    return GeneratedPrompt(text=text, answer="Pepper", needle_depth=depth)
+
+
+def document_prompt() -> GeneratedPrompt:
+    """A question over a bundled article (about 900 tokens); the answer appears once, a third of the way in."""
+    article = resources.files("zigzag_viz").joinpath("texts/tide_mill.txt").read_text(encoding="utf-8").strip()
+    text = article + "\n\nAccording to the article, who designed the tide mill at Kestrel Bay? Answer with the name only."
+    return GeneratedPrompt(text=text, answer="Marta Lindqvist", needle_depth=article.find("Marta Lindqvist") / len(article))
+
+
 def example_prompt() -> GeneratedPrompt:
     """The bundled example shown in the app: a passkey hidden a third of the way into ~1K tokens of prose."""
     return passkey_prompt(n_sentences=55, depth=0.35, seed=7)
+
+
+EXAMPLES = {
+    "passkey in varied prose": example_prompt,
+    "needle (a name) in prose": needle_prompt,
+    "question over a bundled article": document_prompt,
+}
+
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")
+
+
+def split_question(prompt: str, question: str | None = None) -> tuple[str, str, str]:
+    """(context, question, full text) of a prompt. With `question` given, the full text is the prompt, a blank
+    line and the question; otherwise the question is the prompt's last paragraph (after its last blank line)."""
+    if question is not None and question.strip():
+        context = prompt.rstrip()
+        if not context.strip():
+            raise InputError("the context is empty: give some text before the question")
+        return context, question.strip(), f"{context}\n\n{question.strip()}"
+    parts = _BLANK_LINE.split(prompt.strip())
+    if len(parts) < 2 or not parts[-1].strip():
+        raise InputError(
+            "context mode needs a question: end the prompt with a paragraph after a blank line, or give the question"
+        )
+    context = prompt.strip()[: prompt.strip().rfind(parts[-1])].rstrip()
+    return context, parts[-1].strip(), prompt

@@ -21,13 +21,15 @@ from .models import LoadedModel
 
 @dataclass
 class Prefill:
-    """A prompt after prefill: ids (1, n), the full cache, next-token logits (V,), signals, seconds taken."""
+    """A prompt after prefill: ids (1, n), the full cache, next-token logits (V,), signals, and wall seconds
+    in all (`seconds`) of which `analysis_s` went to computing the signals."""
 
     input_ids: torch.Tensor
     cache: object
     next_logits: torch.Tensor
     analysis: PromptAnalysis
     seconds: float
+    analysis_s: float = 0.0
 
     @property
     def n_tokens(self) -> int:
@@ -87,7 +89,7 @@ def prefill(
         with recording(loaded.model, window, deep=deep, progress=progress) as recorder:
             logits = forward_tokens(loaded, cache, input_ids, 0, last_only=True)
         seconds = time.perf_counter() - started
-    return Prefill(input_ids, cache, logits[-1], recorder.analysis(), seconds)
+    return Prefill(input_ids, cache, logits[-1], recorder.analysis(), seconds, recorder.seconds)
 
 
 def greedy_decode(

@@ -8,7 +8,7 @@ import torch
 from .. import cache as kvcache
 from ..budgets import DEFAULT_BETA, DEFAULT_RHO, pyramid_budgets, uniform_budgets, zigzag_budgets
 from ..selection import snapkv_scores
-from .base import CompressionReport, Parameter, TokenBudgetMethod, register
+from .base import CompressionReport, Parameter, TokenBudgetMethod, prompt_positions, register
 
 ALLOCATIONS = ("uniform", "zigzag", "pyramid")
 
@@ -37,7 +37,7 @@ class AdaKV(TokenBudgetMethod):
     def compress(self, cache, context):
         budgets = self.layer_budgets(context)
         window = context.analysis.window
-        spreads = []
+        spreads, kept = [], {}
         for layer, budget in enumerate(budgets):
             keys = kvcache.layer_keys(cache, layer)
             held = keys.shape[-2]
@@ -48,8 +48,9 @@ class AdaKV(TokenBudgetMethod):
             spreads.append(max(len(k) for k in keep) - min(len(k) for k in keep))
             entry = cache.layers[layer]
             cache.layers[layer] = kvcache.PerHeadLayer.from_dense(entry.keys, entry.values, keep)
+            kept[layer] = prompt_positions(keep, held, context.analysis.n_tokens)
         notes = [f"largest head-length spread in a layer: {max(spreads)} tokens"] if spreads else []
-        return CompressionReport(layer_budgets=np.asarray(budgets), notes=notes)
+        return CompressionReport(layer_budgets=np.asarray(budgets), notes=notes, kept=kept)
 
 
 def head_split(scores: torch.Tensor, budget: int, window: int, alpha: float) -> list[torch.Tensor]:

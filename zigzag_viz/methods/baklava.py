@@ -29,7 +29,7 @@ from ..budgets import check_feasible, fit_to_bounds
 from ..errors import InputError
 from ..models import LoadedModel
 from ..selection import keep_top
-from .base import CompressionReport, Parameter, TokenBudgetMethod, register
+from .base import CompressionReport, Parameter, TokenBudgetMethod, prompt_positions, register
 from .calibration import (
     CalibrationSet,
     Progress,
@@ -133,11 +133,13 @@ class BaKlaVa(TokenBudgetMethod):
         held = np.asarray(kvcache.layer_lengths(cache))
         budgets = self.head_budgets(context, held)
         window = context.analysis.window
+        kept = {}
         for layer in range(num_layers):
             entry = cache.layers[layer]
             scores = self.scores(cache, layer, context)  # (H_kv, held)
             keep = [keep_top(scores[h : h + 1], int(b), window)[0] for h, b in enumerate(budgets[layer])]
             cache.layers[layer] = kvcache.PerHeadLayer.from_dense(entry.keys, entry.values, keep)
+            kept[layer] = prompt_positions(keep, int(held[layer]), context.analysis.n_tokens)
         per_layer = np.rint(budgets.mean(axis=1)).astype(np.int64)
         spread = budgets.max(axis=1) - budgets.min(axis=1)
         notes = [
@@ -146,4 +148,4 @@ class BaKlaVa(TokenBudgetMethod):
         ]
         if context.analysis.sliding_layers.any():
             notes.append("baklava: sliding-window layers become per-head layers that no longer slide during decoding")
-        return CompressionReport(layer_budgets=per_layer, notes=notes)
+        return CompressionReport(layer_budgets=per_layer, notes=notes, kept=kept)

@@ -60,10 +60,17 @@ class CompressionContext:
 
 @dataclass
 class CompressionReport:
-    """What a method did: tokens kept per layer (L,) and any notes for the user."""
+    """What a method did: tokens kept per layer (L,), the prompt positions each KV head kept in the layers it
+    evicted from (`kept[layer][head]`, ascending; layers absent keep what they held) and notes for the user."""
 
     layer_budgets: np.ndarray
     notes: list[str] = field(default_factory=list)
+    kept: dict[int, list[np.ndarray]] = field(default_factory=dict)
+
+
+def prompt_positions(keep: torch.Tensor | list[torch.Tensor], held: int, n_tokens: int) -> list[np.ndarray]:
+    """Indices into a layer's `held` most recent tokens, per KV head, as positions in the n-token prompt."""
+    return [row.cpu().numpy().astype(np.int64) + (n_tokens - held) for row in keep]
 
 
 # Order in which composed methods apply: drop tokens, then share/merge layers, then prune channels, then quantize.
@@ -128,11 +135,14 @@ class TokenBudgetMethod(CompressionMethod):
 
     def compress(self, cache, context: CompressionContext) -> CompressionReport:
         budgets = self.layer_budgets(context)
+        kept = {}
         for layer, budget in enumerate(budgets):
-            if budget < kvcache.layer_lengths(cache)[layer]:
+            held = kvcache.layer_lengths(cache)[layer]
+            if budget < held:
                 keep = keep_top(self.scores(cache, layer, context), int(budget), context.analysis.window)
                 kvcache.evict(cache, layer, keep)
-        return CompressionReport(layer_budgets=np.asarray(budgets))
+                kept[layer] = prompt_positions(keep, held, context.analysis.n_tokens)
+        return CompressionReport(layer_budgets=np.asarray(budgets), kept=kept)
 
 
 class CompositeMethod(CompressionMethod):
@@ -165,8 +175,8 @@ class CompositeMethod(CompressionMethod):
     def compress(self, cache, context: CompressionContext) -> CompressionReport:
         reports = [part.compress(cache, context) for part in self.parts]
         token_reports = [r for part, r in zip(self.parts, reports) if part.stage == "tokens"]
-        budgets = (token_reports or reports)[0].layer_budgets
-        return CompressionReport(layer_budgets=budgets, notes=[n for r in reports for n in r.notes])
+        first = (token_reports or reports)[0]
+        return CompressionReport(layer_budgets=first.layer_budgets, notes=[n for r in reports for n in r.notes], kept=first.kept)
 
 
 METHODS: dict[str, type[CompressionMethod]] = {}
