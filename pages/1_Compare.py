@@ -1,51 +1,69 @@
-"""Compare: full KV against compressed caches on one prompt, with the layer signals behind the budgets."""
+"""Compare: full KV against compressed caches on one prompt: answers, metrics, and which tokens each layer kept."""
+
+import json
 
 import streamlit as st
 
 from zigzag_viz import charts, ui
 from zigzag_viz.budgets import budget_curves
-from zigzag_viz.compare import compare
-from zigzag_viz.prompts import example_prompt
+from zigzag_viz.capture import bin_columns, bin_edges, bin_texts, bins_of
+from zigzag_viz.prompts import EXAMPLES
+
+OWN_PROMPT = "type your own"
+MODES = {
+    "aware": "aware: compress after context and question (SnapKV's setting)",
+    "context": "context: compress the context, then feed the question through the compressed cache (kvpress's setting)",
+}
 
 st.set_page_config(page_title="Compare · zigzag_viz", page_icon=":material/compare:", layout="wide")
 ui.page_style()
 st.title("Full KV vs compressed KV")
 
-example = example_prompt()
 with st.sidebar:
     st.header("Settings")
     model_name = ui.model_picker()
     budget = st.slider("Kept fraction of the prompt", 0.05, 1.0, 0.3, 0.05,
-                       help="Average share of the prompt's tokens each layer keeps")
+                       help="Average share of the compressed prompt's tokens each layer keeps")
+    mode = st.radio("Setting", list(MODES), format_func=MODES.get, key="mode")
     window = st.number_input("Observation window w (tokens)", min_value=1, max_value=512, value=32,
                              help="The last w queries score the tokens; the last w tokens are always kept")
     tau = st.slider("τ for LMBA", 0.50, 0.99, 0.90, 0.01, help="Attention mass the minimum budget must cover")
     max_new_tokens = st.number_input("Max new tokens", min_value=1, max_value=256, value=24)
 
-methods = ui.method_picker(["full", "zigzag", "pyramid", "uniform"])
-prompt = st.text_area("Prompt", value=example.text, height=200, help="A pass key hidden in varied prose, by default")
-answer = st.text_input("Known answer (optional, for the task score)", value=example.answer)
+methods = ui.method_picker(["full", "zigzag", "pyramid", "uniform", "adakv"])
+source = st.selectbox("Prompt", list(EXAMPLES) + [OWN_PROMPT], key="prompt_source",
+                      help="Bundled prompts with a known answer, or your own text")
+example = EXAMPLES[source]() if source in EXAMPLES else None
+prompt = st.text_area("Prompt text", value=example.text if example else "", height=180, key=f"prompt_{source}",
+                      help="In context mode the question is the last paragraph (after the last blank line), "
+                           "unless you type one below")
+left, right = st.columns(2)
+question = left.text_input("Question (optional)", key=f"question_{source}",
+                           help="Appended after a blank line; in context mode the prompt's last paragraph otherwise")
+answer = right.text_input("Known answer (optional, for the task score)", value=example.answer if example else "",
+                          key=f"answer_{source}")
 
 if st.button("Run", type="primary"):
-    if not methods:
+    specs = tuple(dict.fromkeys(m.spec for m in methods))
+    if not specs:
         st.warning("Pick at least one method.")
     elif not prompt.strip():
-        st.warning("The prompt is empty: type some text or keep the example.")
+        st.warning("The prompt is empty: type some text or pick a bundled one.")
     elif not model_name:
         st.warning("Type a model folder or a cached model id.")
     else:
-        with st.status(f"Running {len(methods)} method(s) on {model_name}…", expanded=True) as status:
-            bar = st.progress(0.0, text="loading the model")
+        with st.status(f"Running {len(specs)} method(s) on {model_name}…", expanded=True) as status:
+            st.write("loading the model (once per server)")
             loaded = ui.run_safely(lambda: ui.cached_model(model_name), "Loading the model")
             result = loaded and ui.run_safely(
-                lambda: compare(loaded, prompt, methods, budget, int(max_new_tokens), int(window),
-                                answer=answer.strip() or None, progress=lambda f, m: bar.progress(f, text=m)),
+                lambda: ui.cached_comparison(model_name, prompt, specs, float(budget), int(window), int(max_new_tokens),
+                                             mode, question.strip() or None, answer.strip() or None),
                 "Comparison",
             )
             if result:
-                texts = {r.method: loaded.token_texts(r.token_ids) for r in result.results}
-                st.session_state["comparison"] = (result, texts, str(loaded.device))
-                status.update(label=f"Done: {result.n_tokens} prompt tokens, {len(methods)} method(s)", state="complete")
+                st.session_state["comparison"] = result
+                status.update(label=f"Done: {result.comparison.n_tokens} prompt tokens, {len(specs)} method(s), "
+                                    f"{result.comparison.mode} mode", state="complete", expanded=False)
             else:
                 status.update(label="Stopped: see the message below", state="error", expanded=True)
 
@@ -53,36 +71,68 @@ if "comparison" not in st.session_state:
     st.info("Press **Run** to prefill the prompt, compress the cache with each method and decode beside full KV.")
     st.stop()
 
-result, token_texts, device = st.session_state["comparison"]
+shown: ui.ComparisonResult = st.session_state["comparison"]
+result = shown.comparison
 analysis = result.analysis
-st.caption(
-    f"{result.model} on {device} · {result.n_tokens} prompt tokens · kept fraction {result.budget:g} · "
-    f"window {result.window} · prefill with signal capture {result.prefill_s:.2f} s"
-)
+compressed = (f"{result.n_context} context tokens compressed, {result.n_tokens - result.n_context} question tokens "
+              "fed after" if result.mode == "context" else "all of them compressed")
+st.caption(f"{result.model} on {shown.device} · {result.n_tokens} prompt tokens ({compressed}) · {result.mode} mode · "
+           f"kept fraction {result.budget:g} · window {result.window}")
 
 st.subheader("Answers side by side")
-per_row = 4
+per_row = min(4, max(len(result.results), 1))
 for start in range(0, len(result.results), per_row):
-    columns = st.columns(per_row)
+    columns = st.columns(per_row)  # stacked into rows on narrow screens
     for column, row in zip(columns, result.results[start : start + per_row]):
         colour = charts.method_colour(row.method)
         with column:
             st.markdown(f"<div class='zz-head' style='--c:{colour}'>{row.method}</div>", unsafe_allow_html=True)
-            st.markdown(charts.divergence_html(token_texts[row.method], row.first_divergence, colour),
+            st.markdown(charts.divergence_html(shown.answer_tokens[row.method], row.first_divergence, colour),
                         unsafe_allow_html=True)
             diverged = "same as full" if row.first_divergence is None else f"diverges at token {row.first_divergence}"
             score = "" if row.task_score is None else (" · answer ✔" if row.task_score else " · answer ✘")
-            st.caption(f"KV {row.kv_bytes / 2**20:.2f} MiB ({row.kv_fraction:.0%}) · agreement "
-                       f"{row.token_agreement:.0%} · {diverged}{score}")
+            st.caption(f"KV {row.kv_bytes / 2**20:.2f} MiB ({row.kv_fraction:.0%}) · ROUGE-L {row.rouge_l:.2f} · "
+                       f"KL {row.kl_mean:.3f} · {diverged}{score}")
 
+st.subheader("Metrics")
 ui.show_table(result.table(), "comparison")
-ui.show_figure(charts.kv_bytes_figure([r.method for r in result.results], [r.kv_bytes for r in result.results]),
-               "KV bytes")
+st.download_button("Whole comparison as JSON (rows, curves, kept-token maps)", json.dumps(result.to_json()),
+                   file_name="comparison.json", mime="application/json", key="json_comparison")
 
-st.subheader("Why these budgets")
-lmba = analysis.layer_signal("lmba", tau)
-ui.show_figure(charts.signals_figure(analysis.layer_signal("entropy"), lmba, analysis.layer_signal("hidden"), tau),
-               "layer signals")
-curves = ui.run_safely(lambda: budget_curves(lmba, result.budget, analysis.n_tokens, analysis.window), "Budget curves")
-if curves:
-    ui.show_figure(charts.budget_figure(curves, analysis.n_tokens), "budget curves")
+curves_tab, kept_tab, budgets_tab, bytes_tab, why_tab = st.tabs(
+    ["KL and top-1 per step", "Kept-token map", "Tokens per layer", "KV bytes", "Why these budgets"]
+)
+with curves_tab:
+    ui.show_figure(charts.agreement_curves_figure(
+        {r.method: (r.kl_curve, r.top1_curve) for r in result.results if r.method != "full"}), "agreement curves")
+with kept_tab:
+    evicting = [r.method for r in result.results if r.kept_map.size and r.kept_map.min() < 1]
+    picked = st.multiselect("Methods on the map", [r.method for r in result.results], default=evicting[:4],
+                            key="kept_methods", help="Methods that keep every token show a uniform map")
+    edges = bin_edges(result.n_context)
+    texts = bin_texts(result.prompt_tokens[: result.n_context], edges)
+    maps = {r.method: bin_columns(r.kept_map, edges, "mean") for r in result.results if r.method in picked}
+    answer_bins = bins_of(result.answer_positions, edges)
+    if maps:
+        if result.answer_positions:
+            survived = {r.method: float(r.kept_map[:, result.answer_positions].mean()) for r in result.results
+                        if r.method in picked}
+            st.caption("Share of (layer, KV head) slots still holding the known answer's tokens: "
+                       + " · ".join(f"{m} {v:.0%}" for m, v in survived.items()))
+        ui.show_figure(charts.kept_map_figure(maps, edges, texts, answer_bins, analysis.sliding_layers), "kept-token map")
+    else:
+        st.info("Pick methods to draw which prompt tokens each layer kept.")
+with budgets_tab:
+    ui.show_figure(charts.layer_budget_bars_figure({r.method: r.layer_budgets for r in result.results},
+                                                   analysis.layer_caps), "tokens per layer")
+with bytes_tab:
+    ui.show_figure(charts.kv_bytes_figure([r.method for r in result.results], [r.kv_bytes for r in result.results]),
+                   "KV bytes")
+with why_tab:
+    lmba = analysis.layer_signal("lmba", tau)
+    ui.show_figure(charts.signals_figure(analysis.layer_signal("entropy"), lmba, analysis.layer_signal("hidden"), tau),
+                   "layer signals")
+    curves = ui.run_safely(lambda: budget_curves(lmba, result.budget, analysis.n_tokens, analysis.window,
+                                                 caps=analysis.layer_caps), "Budget curves")
+    if curves:
+        ui.show_figure(charts.budget_figure(curves, analysis.n_tokens), "budget curves")

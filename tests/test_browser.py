@@ -93,7 +93,7 @@ def test_compare_page_runs_tiny_side_by_side(browser, app_url):
     _choose(page, "Model", "tiny")
     page.get_by_role("button", name="Run").click()
     page.get_by_text("Answers side by side").wait_for(timeout=180_000)
-    page.get_by_text("Budget per layer").first.wait_for(timeout=60_000)
+    page.get_by_text("Where each answer leaves full KV").first.wait_for(timeout=60_000)
     content = page.content()
     assert "Traceback" not in content
     for method in ("zigzag", "pyramid", "uniform"):
@@ -108,7 +108,7 @@ def test_compare_page_reports_bad_input_without_a_traceback(browser, app_url):
     page.goto(f"{app_url}/Compare")
     page.get_by_role("button", name="Run").wait_for(timeout=60_000)
     _choose(page, "Model", "tiny")
-    prompt = page.get_by_role("textbox", name="Prompt")
+    prompt = page.get_by_role("textbox", name="Prompt text")
     prompt.fill("too short for this budget")
     prompt.press("Control+Enter")
     page.get_by_role("button", name="Run").click()

@@ -82,3 +82,38 @@ def test_budgets_page_on_smollm2(browser, app_url):  # noqa: F811
     assert "Traceback" not in page.content()
     _screenshot(page, "budgets_smollm2.png")
     page.close()
+
+
+def test_compare_page_on_smollm2_with_four_methods(browser, app_url):  # noqa: F811
+    """Full KV against four methods on SmolLM2 in context mode: answers, metrics, curves, the kept-token map with
+    the pass key marked, and the JSON export; then the same result on a phone-sized screen (rows, not columns)."""
+    page = browser.new_page(viewport={"width": 1500, "height": 1000}, accept_downloads=True)
+    page.goto(f"{app_url}/Compare")
+    page.get_by_role("button", name="Run").wait_for(timeout=60_000)
+    page.get_by_text("context: compress the context").click()
+    _idle(page)
+    page.get_by_role("button", name="Run").click()
+    page.get_by_text("Answers side by side").wait_for(timeout=300_000)
+    _wait_for_plots(page, 1, 60_000)
+    content = page.content()
+    assert "Traceback" not in content and "smollm2 on cpu" in content and "context mode" in content
+    for method in ("full", "zigzag", "pyramid", "uniform", "adakv"):
+        assert page.locator(".zz-head", has_text=method).count() >= 1
+    assert "52445" in page.locator(".zz-out").first.text_content()
+    _screenshot(page, "compare_smollm2.png")
+
+    page.get_by_role("tab", name="Kept-token map").click()
+    page.get_by_text("still holding the known answer").wait_for(state="visible", timeout=30_000)
+    page.get_by_text("Which prompt tokens each layer kept").wait_for(state="visible", timeout=30_000)
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Whole comparison as JSON").click()
+    assert download.value.suggested_filename == "comparison.json"
+    _screenshot(page, "compare_smollm2_kept_map.png")
+
+    page.set_viewport_size({"width": 420, "height": 900})
+    time.sleep(1.0)
+    heads = page.locator(".zz-head")
+    first, second = heads.nth(0).bounding_box(), heads.nth(1).bounding_box()
+    assert second["y"] > first["y"] + first["height"]  # stacked: one answer under the other
+    _screenshot(page, "compare_smollm2_narrow.png")
+    page.close()

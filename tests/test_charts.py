@@ -105,3 +105,18 @@ def test_layer_signals_table_columns_and_sliding():
                                    "hidden_change", "lmbo", "cap", "sliding"]
     assert table["sliding"].tolist() == [False, True]
     assert table["lmba"].tolist() == pytest.approx([0.2, 0.2])
+
+
+def test_comparison_figures_use_method_colours_and_mark_the_answer():
+    maps = {"zigzag": np.random.default_rng(0).random((4, 20)), "uniform": np.ones((4, 20))}
+    edges = np.arange(21)
+    fig = charts.kept_map_figure(maps, edges, [f"t{i}" for i in range(20)], answer_bins=[5, 6, 7, 12])
+    assert [t.type for t in fig.data] == ["heatmap", "heatmap"]
+    assert all(t.zmin == 0 and t.zmax == 1 for t in fig.data)
+    assert len(fig.layout.shapes) == 2 * 2  # two runs of answer bins on each of the two panels
+    curves = charts.agreement_curves_figure({"zigzag": ([0.0, 0.5, 1.0], [1.0, 1.0, 0.0])})
+    running = curves.data[1].y
+    assert list(running) == pytest.approx([1.0, 1.0, 2 / 3])
+    assert curves.data[0].line.color == charts.method_colour("zigzag")
+    bars = charts.layer_budget_bars_figure({"uniform": [3, 3], "zigzag[rho=0.5]": [5, 1]}, caps=[8, 8])
+    assert [t.marker.color for t in bars.data[:2]] == [charts.method_colour("uniform"), charts.method_colour("zigzag")]

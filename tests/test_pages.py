@@ -184,3 +184,58 @@ def test_compare_page_reports_a_bad_spec_without_running():
     at.text_input(key="methods_extra").set_value("zigzag+l2norm").run()
     assert "different axes" in _messages(at)
     _no_traceback(at)
+
+
+def test_compare_page_widgets_context_mode_figures_and_exports(monkeypatch):
+    import zigzag_viz.ui as ui_module
+
+    calls = []
+    real_compare = ui_module.compare
+    monkeypatch.setattr(ui_module, "compare", lambda *a, **k: calls.append(k["mode"]) or real_compare(*a, **k))
+    ui.cached_comparison.clear()
+    at = _open(COMPARE)
+    at.selectbox(key="prompt_source").set_value("question over a bundled article").run()
+    assert "Kestrel Bay" in at.text_area(key="prompt_question over a bundled article").value
+    assert at.text_input(key="answer_question over a bundled article").value == "Marta Lindqvist"
+    at.radio(key="mode").set_value("context").run()
+    at.multiselect(key="methods").set_value(["full", "zigzag", "adakv", "streaming"]).run()
+    _button(at, "Run").click().run()
+    _no_traceback(at)
+    assert not at.error, _messages(at)
+    table = at.dataframe[0].value
+    assert list(table["method"]) == ["full", "zigzag", "adakv", "streaming"] and set(table["mode"]) == {"context"}
+    for column in ("rouge_l", "kl_mean", "top1_agreement", "prefill_s", "analysis_s", "decode_s", "ms_per_token",
+                   "kv_fraction", "task_score", "first_divergence"):
+        assert column in table.columns
+    # KL/top-1 curves, kept-token map, tokens per layer, KV bytes, layer signals, budget curves
+    assert len(at.get("plotly_chart")) == 6
+    assert at.multiselect(key="kept_methods").value == ["zigzag", "adakv", "streaming"]
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert "Whole comparison as JSON (rows, curves, kept-token maps)" in labels
+    assert any("CSV" in label for label in labels) and any("Parquet" in label for label in labels)
+    assert sum("(HTML)" in label for label in labels) == 6
+    # Same model, prompt, specs and mode: served from the cache, the model is not run again.
+    _button(at, "Run").click().run()
+    assert calls == ["context"]
+    at.radio(key="mode").set_value("aware").run()
+    _button(at, "Run").click().run()
+    assert calls == ["context", "aware"]
+    assert set(at.dataframe[0].value["mode"]) == {"aware"}
+
+
+def test_compare_page_explains_missing_question_and_empty_prompt():
+    at = _open(COMPARE)
+    at.selectbox(key="prompt_source").set_value("type your own").run()
+    _button(at, "Run").click().run()
+    assert "The prompt is empty" in _messages(at)
+    at.text_area(key="prompt_type your own").set_value("one paragraph and nothing after it " * 10).run()
+    at.radio(key="mode").set_value("context").run()
+    _button(at, "Run").click().run()
+    _no_traceback(at)
+    assert "context mode needs a question" in _messages(at)
+    at.text_input(key="question_type your own").set_value("What is this about?").run()
+    next(s for s in at.slider if s.label == "Kept fraction of the prompt").set_value(1.0).run()
+    _button(at, "Run").click().run()
+    _no_traceback(at)
+    assert not at.error, _messages(at)
+    assert set(at.dataframe[0].value["mode"]) == {"context"}

@@ -102,6 +102,94 @@ def divergence_html(token_texts: Sequence[str], divergence: int | None, colour: 
     )
 
 
+def agreement_curves_figure(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]]) -> go.Figure:
+    """Per generated step, teacher-forced along the full-KV answer: KL(full ‖ method) in nats (top) and the
+    running share of steps whose top-1 token matches full KV (bottom). curves: method → (kl (T,), top1 (T,))."""
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1,
+                        subplot_titles=("KL(full ‖ method) per step (nats)", "Top-1 agreement with full KV, running mean"))
+    for name, (kl, top1) in curves.items():
+        steps = np.arange(len(kl))
+        colour = method_colour(name)
+        running = np.cumsum(top1) / np.arange(1, len(top1) + 1) if len(top1) else np.asarray([])
+        fig.add_trace(go.Scatter(x=steps, y=np.asarray(kl), mode="lines+markers", name=name, legendgroup=name,
+                                 line=dict(color=colour, width=2), marker=dict(size=5),
+                                 hovertemplate="step %{x}<br>KL %{y:.4f} nats<extra>" + name + "</extra>"), row=1, col=1)
+        fig.add_trace(go.Scatter(x=steps, y=running, mode="lines", name=name, legendgroup=name, showlegend=False,
+                                 line=dict(color=colour, width=2, shape="hv"),
+                                 hovertemplate="step %{x}<br>%{y:.0%} of steps agree<extra>" + name + "</extra>"), row=2, col=1)
+    fig.update_yaxes(title_text="nats", rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(title_text="agreement", range=[-0.02, 1.05], tickformat=".0%", row=2, col=1)
+    fig.update_xaxes(title_text="generated token", tickformat="d", row=2, col=1)
+    _layout(fig, "Where each answer leaves full KV", height=520)
+    fig.update_layout(margin=dict(t=100), legend=dict(y=1.08))
+    return fig
+
+
+def layer_budget_bars_figure(budgets: Mapping[str, Sequence[int]], caps: Sequence[int]) -> go.Figure:
+    """Tokens each method's cache holds per layer (grouped bars), against the most a layer can hold (dotted)."""
+    caps = np.asarray(caps)
+    layers = np.arange(len(caps))
+    fig = go.Figure()
+    for name, values in budgets.items():
+        values = np.asarray(values)
+        fig.add_trace(go.Bar(x=layers, y=values, name=name, marker_color=method_colour(name),
+                             customdata=values / np.maximum(caps, 1),
+                             hovertemplate="layer %{x}<br>%{y} tokens (%{customdata:.0%})<extra>" + name + "</extra>"))
+    fig.add_trace(go.Scatter(x=layers, y=caps, mode="lines", name="most a layer holds",
+                             line=dict(color="#999", dash="dot", shape="hvh"),
+                             hovertemplate="layer %{x}<br>holds at most %{y}<extra></extra>"))
+    fig.update_layout(barmode="group", bargap=0.15, bargroupgap=0.0)
+    fig.update_yaxes(title_text="tokens kept", rangemode="tozero")
+    fig.update_xaxes(title_text="layer", tickformat="d", dtick=1 if len(layers) <= 32 else None)
+    return _layout(fig, "Tokens kept per layer, by method", height=400)
+
+
+def kept_map_figure(
+    maps: Mapping[str, np.ndarray], edges: np.ndarray, texts: Sequence[str], answer_bins: Sequence[int] = (),
+    sliding: np.ndarray | None = None,
+) -> go.Figure:
+    """One layer × token-bin panel per method: the share of KV heads that kept each bin's tokens (0 = dropped).
+
+    maps: method → (L, bins) in [0, 1]; edges (bins + 1,) and texts (bins,) as for `token_map_figure`;
+    answer_bins: bins holding the known answer, marked on every panel.
+    """
+    names = list(maps)
+    edges = np.asarray(edges)
+    centres = (edges[:-1] + edges[1:] - 1) / 2
+    widths = edges[1:] - edges[:-1]
+    pad = max(1.0, 0.004 * float(edges[-1]))
+    runs: list[tuple[int, int]] = []  # consecutive answer bins, boxed together
+    for b in sorted(answer_bins):
+        if runs and b == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], b)
+        else:
+            runs.append((b, b))
+    ranges = [f"{a}–{b - 1}" if b - a > 1 else f"{a}" for a, b in zip(edges[:-1], edges[1:])]
+    labels = np.asarray([f"{r}: {t.replace('<', '‹').replace('>', '›')}" for r, t in zip(ranges, texts)], dtype=object)
+    fig = make_subplots(rows=max(len(names), 1), cols=1, shared_xaxes=True, vertical_spacing=0.04 if len(names) < 6 else 0.02,
+                        subplot_titles=names)
+    for row, name in enumerate(names, start=1):
+        values = np.asarray(maps[name], dtype=float)
+        num_layers = values.shape[0]
+        fig.add_trace(go.Heatmap(
+            z=values, x=centres, y=np.arange(num_layers), zmin=0, zmax=1, colorscale="Viridis",
+            customdata=np.broadcast_to(labels, values.shape), showscale=row == 1,
+            colorbar=dict(title=dict(text="share of KV heads keeping it", side="right"), thickness=14, tickformat=".0%"),
+            hovertemplate=name + "<br>layer %{y} · tokens %{customdata}<br>kept by %{z:.0%} of KV heads<extra></extra>",
+        ), row=row, col=1)
+        ticks, tick_labels = _layer_ticks(num_layers, sliding)
+        step = max(1, len(ticks) // 6)
+        fig.update_yaxes(autorange="reversed", tickvals=ticks[::step], ticktext=tick_labels[::step], title_text="layer",
+                         row=row, col=1)
+        for first, last in runs:  # a box a little wider than the answer, so the cells inside stay visible
+            fig.add_shape(type="rect", x0=edges[first] - 0.5 - pad, x1=edges[last] + widths[last] - 0.5 + pad, y0=-0.5,
+                          y1=num_layers - 0.5, line=dict(color="#ff2d55", width=1), fillcolor="rgba(0,0,0,0)",
+                          row=row, col=1)
+    fig.update_xaxes(title_text="prompt token (red boxes: the known answer)" if len(answer_bins) else "prompt token",
+                     range=[edges[0] - 0.5, edges[-1] - 0.5], showgrid=False, row=len(names), col=1)
+    return _layout(fig, "Which prompt tokens each layer kept", height=int(140 + 170 * max(len(names), 1)))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Uncertainty and Budgets pages. Pure functions of numpy arrays: no model, no Streamlit.
 

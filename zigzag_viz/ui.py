@@ -12,6 +12,7 @@ import streamlit as st
 
 from . import runtime
 from .capture import PromptAnalysis
+from .compare import Comparison, compare
 from .errors import UserError
 from .methods import METHODS, CompressionMethod, Parameter, parse_specs
 from .models import EMBEDDED_MODELS, LoadedModel, load_model
@@ -198,6 +199,36 @@ def analyse(model_name: str, prompt: str, window: int, deep: bool = False) -> An
         else:
             status.update(label="Stopped: see the message below", state="error", expanded=True)
     return result or None
+
+
+@dataclass(frozen=True)
+class ComparisonResult:
+    """A finished comparison with each answer's token texts (for highlighting) and the device it ran on."""
+
+    comparison: Comparison
+    answer_tokens: dict[str, list[str]]
+    device: str
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def cached_comparison(
+    model_name: str, prompt: str, specs: tuple[str, ...], budget: float, window: int, max_new_tokens: int,
+    mode: str, question: str | None, answer: str | None,
+) -> ComparisonResult:
+    """Compare `specs` against full KV once per (model, prompt, specs, mode and settings) on this server.
+
+    A progress bar lives and is cleared inside, so a cache hit shows nothing; a failure raises and caches nothing.
+    """
+    loaded = cached_model(model_name)
+    bar = st.progress(0.0, text="starting")
+    result = compare(
+        loaded, prompt, [parse_specs(spec)[0] for spec in specs], budget, max_new_tokens, window, answer=answer,
+        progress=lambda fraction, message: bar.progress(min(max(fraction, 0.0), 1.0), text=message),
+        mode=mode, question=question,
+    )
+    bar.empty()
+    tokens = {r.method: loaded.token_texts(r.token_ids) for r in result.results}
+    return ComparisonResult(result, tokens, str(loaded.device))
 
 
 def default_comparison_models() -> list[str]:
