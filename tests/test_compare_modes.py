@@ -8,6 +8,7 @@ import pytest
 from zigzag_viz.capture import bin_edges, bins_of
 from zigzag_viz.compare import compare
 from zigzag_viz.errors import InputError
+from zigzag_viz.methods import METHODS, TokenBudgetMethod
 from zigzag_viz.metrics import answer_token_positions, kept_token_map, rouge_l
 from zigzag_viz.prompts import EXAMPLES, example_prompt, passkey_prompt, split_question
 
@@ -48,8 +49,11 @@ def test_split_question_takes_the_last_paragraph_or_the_given_question():
 
 @pytest.mark.parametrize("mode", ["aware", "context"])
 def test_everything_kept_decodes_like_full_in_both_modes(tiny, mode):
+    """Every budget method in the registry, plus KIVI and ThiNK at their lossless settings."""
     prompt = passkey_prompt(n_sentences=12, seed=8).text
-    specs = ["zigzag", "adakv", "kivi[residual=4096]", "think[keep=1.0]"]
+    budget_methods = [name for name, cls in METHODS.items() if issubclass(cls, TokenBudgetMethod)]
+    assert {"zigzag", "pyramid", "uniform", "streaming", "l2norm", "adakv", "baklava"} <= set(budget_methods)
+    specs = budget_methods + ["kivi[residual=4096]", "think[keep=1.0]"]
     result = compare(tiny, prompt, "full," + ",".join(specs), budget=1.0,
                      max_new_tokens=8, window=16, mode=mode)
     full, *rows = result.results
@@ -116,8 +120,8 @@ def test_bad_mode_and_missing_question_are_user_errors(tiny):
 @pytest.mark.parametrize("mode", ["aware", "context"])
 def test_smollm2_both_modes_identity_and_destruction(smollm2, mode):
     prompt = example_prompt()
-    keep_all = compare(smollm2, prompt.text, "full,zigzag,adakv", budget=1.0, max_new_tokens=12,
-                       answer=prompt.answer, mode=mode)
+    keep_all = compare(smollm2, prompt.text, "full,zigzag,pyramid,uniform,streaming,l2norm,adakv", budget=1.0,
+                       max_new_tokens=12, answer=prompt.answer, mode=mode)
     for row in keep_all.results:
         assert row.token_ids == keep_all.results[0].token_ids and row.kl_mean <= 1e-6 and row.top1_agreement == 1.0
     assert keep_all.results[0].task_score == 1.0
