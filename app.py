@@ -19,9 +19,13 @@ beside full KV.
 
 STEPS = """
 1. Pick the model in the sidebar (`smollm2` is embedded; `tiny` is a 4-layer random Llama for a quick look).
-2. Keep the bundled prompt (a pass key hidden in prose) or paste your own, pick methods and a kept fraction.
-3. Press **Run**: per-layer signals, the budget each rule gives every layer, and the answers side by side,
-   with the first token where a compressed answer leaves the full one highlighted.
+2. Pick a bundled prompt (a pass key or a name hidden in prose, a question over an article) or paste your
+   own, then pick methods and a kept fraction.
+3. Press **Run**: the answers side by side with the first token where a compressed answer leaves the full
+   one highlighted, KL and top-1 agreement per step, and the kept-token map: which prompt tokens each layer
+   kept, with the known answer boxed, so you see in which layers a method dropped the needle.
+4. Switch the setting between *aware* (the question is compressed with the context) and *context* (the
+   question arrives after compression, as in a chat where the document comes first).
 
 The same library drives the command line: `.venv/bin/zigzag-viz compare --help`.
 """
@@ -31,7 +35,8 @@ st.set_page_config(page_title="zigzag_viz", page_icon=":material/stacked_line_ch
 st.title("zigzag_viz")
 st.markdown(INTRO)
 st.subheader("Start here")
-st.page_link("pages/1_Compare.py", label="**Compare**: one prompt, full KV against compressed caches, answers side by side",
+st.page_link("pages/1_Compare.py", label="**Compare**: one prompt, full KV against compressed caches: answers side by "
+             "side, and which tokens each layer kept",
              icon=":material/compare:")
 st.page_link("pages/2_Uncertainty.py", label="**Uncertainty**: entropy, LMBA, hidden-state change and LMBO per layer, "
              "which prompt text each layer attends to, and how the zig-zag differs between models",

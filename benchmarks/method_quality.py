@@ -2,8 +2,10 @@
 
     .venv/bin/python benchmarks/method_quality.py --model smollm2
 
-≥ 12 prompts of 1–1.5K tokens (fixed seed, needle depths 0.1–0.9, varied prose), question inside the
-compressed context. Writes benchmarks/results/method_quality_<model>.json and a Markdown table beside it:
+≥ 12 prompts of 1–1.5K tokens (fixed seed, needle depths 0.1–0.9, varied prose). `--mode aware` (default)
+compresses with the question inside the context; `--mode context` compresses the context alone and feeds the
+question through the compressed cache. Writes benchmarks/results/method_quality_<model>[_context].json and a
+Markdown table beside it:
 accuracy per method × fraction, the held KV fraction, and the smallest fraction at which each method
 matches full KV. Prints each method's accuracy relative to full KV, measured in the same run. Methods whose work does not depend
 on the kept fraction (layers, channels, bits) run once per prompt and count for every fraction.
@@ -25,11 +27,11 @@ import numpy as np
 
 from zigzag_viz import cache as kvcache
 from zigzag_viz import runtime
-from zigzag_viz.compare import run_method
+from zigzag_viz.compare import feed_question, run_method
 from zigzag_viz.errors import UserError
 from zigzag_viz.methods import METHODS, CompositeMethod, CompressionContext, TokenBudgetMethod, parse_spec
 from zigzag_viz.models import load_model
-from zigzag_viz.prompts import passkey_prompt
+from zigzag_viz.prompts import passkey_prompt, split_question
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FRACTIONS = (0.1, 0.2, 0.35, 0.5, 0.7)
@@ -38,6 +40,12 @@ DEFAULT_SPECS = (
     "zigzag[select=hybrid]", "streaming", "adakv", "baklava", "kvsharer", "minicache", "think", "kivi",
     "zigzag+kivi", "zigzag+think",
 )
+
+
+SETTINGS = {
+    "aware": "question inside the compressed context",
+    "context": "context compressed alone, question fed through the compressed cache",
+}
 
 
 def uses_budget(method) -> bool:
@@ -64,7 +72,7 @@ def markdown(record) -> str:
     fractions = record["fractions"]
     lines = [
         f"# Method quality on {record['model']}: passkey accuracy ({record['prompts']} prompts, "
-        f"{record['min_tokens']}–{record['max_tokens']} tokens, question inside the compressed context)",
+        f"{record['min_tokens']}–{record['max_tokens']} tokens, " + SETTINGS[record["mode"]] + ")",
         "",
         f"Full KV: {record['full_accuracy']:.2f}. Cells: accuracy (held KV fraction).",
         "",
@@ -89,6 +97,7 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default=",".join(DEFAULT_SPECS), help="';'-separated specs, or ',' when unambiguous")
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--window", type=int, default=32)
+    parser.add_argument("--mode", choices=tuple(SETTINGS), default="aware")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -103,10 +112,17 @@ def main(argv=None) -> int:
     full_correct, lengths = 0, []
     started = time.perf_counter()
     for index, item in enumerate(items):
-        pre = runtime.prefill(loaded, loaded.encode(item.text), args.window)
-        lengths.append(pre.n_tokens)
+        ids = loaded.encode(item.text)
+        split = ids.shape[1]
+        if args.mode == "context":
+            split = loaded.question_start(item.text, split_question(item.text)[1], ids)
+        question_ids = ids[:, split:] if args.mode == "context" else None
+        pre = runtime.prefill(loaded, ids[:, :split], args.window)
+        lengths.append(ids.shape[1])
         full_bytes = kvcache.kv_bytes(pre.cache)
-        tokens, _ = runtime.greedy_decode(loaded, kvcache.clone(pre.cache), pre.next_logits, pre.n_tokens, args.max_new_tokens)
+        full_cache = kvcache.clone(pre.cache)
+        next_logits, position, _ = feed_question(loaded, full_cache, pre, question_ids)
+        tokens, _ = runtime.greedy_decode(loaded, full_cache, next_logits, position, args.max_new_tokens)
         full_ok = item.answer in loaded.decode(tokens)
         full_correct += full_ok
         for spec in specs:
@@ -116,14 +132,14 @@ def main(argv=None) -> int:
                 context = CompressionContext(pre.analysis, fraction, loaded=loaded)
                 if run is None or uses_budget(method):
                     try:
-                        run = run_method(loaded, pre, method, context, args.max_new_tokens)
+                        run = run_method(loaded, pre, method, context, args.max_new_tokens, question_ids=question_ids)
                     except UserError as exc:
                         skipped.add(f"{spec} at {fraction:g}: {exc}")
                         run = None
                         continue
                 correct[spec, fraction] += item.answer in loaded.decode(run.tokens)
                 fraction_held[spec, fraction].append(run.kv_bytes / full_bytes)
-        print(f"prompt {index + 1}/{len(items)}: {pre.n_tokens} tokens, full KV {'right' if full_ok else 'wrong'}, "
+        print(f"prompt {index + 1}/{len(items)}: {ids.shape[1]} tokens, full KV {'right' if full_ok else 'wrong'}, "
               f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
 
     full_accuracy = full_correct / len(items)
@@ -139,11 +155,12 @@ def main(argv=None) -> int:
     record = {
         "benchmark": "method_quality", "model": loaded.name, "prompts": len(items), "seed": args.seed,
         "min_tokens": min(lengths), "max_tokens": max(lengths), "fractions": args.fractions,
-        "max_new_tokens": args.max_new_tokens, "window": args.window, "mode": "aware",
+        "max_new_tokens": args.max_new_tokens, "window": args.window, "mode": args.mode,
         "full_accuracy": full_accuracy, "methods": rows, "skipped": sorted(skipped),
         "seconds": round(time.perf_counter() - started, 1), "date": time.strftime("%Y-%m-%d"),
     }
-    out = args.out or RESULTS / f"method_quality_{loaded.name}.json"
+    suffix = "" if args.mode == "aware" else f"_{args.mode}"
+    out = args.out or RESULTS / f"method_quality_{loaded.name}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(record))
