@@ -119,4 +119,13 @@ def test_comparison_figures_use_method_colours_and_mark_the_answer():
     assert list(running) == pytest.approx([1.0, 1.0, 2 / 3])
     assert curves.data[0].line.color == charts.method_colour("zigzag")
     bars = charts.layer_budget_bars_figure({"uniform": [3, 3], "zigzag[rho=0.5]": [5, 1]}, caps=[8, 8])
-    assert [t.marker.color for t in bars.data[:2]] == [charts.method_colour("uniform"), charts.method_colour("zigzag")]
+    assert [t.marker.color for t in bars.data[:2]] == [charts.method_colour("uniform"), charts.method_colour("zigzag[rho=0.5]")]
+
+
+def test_variants_get_their_own_shade_of_the_method_colour():
+    assert charts.method_colour("zigzag") == charts.METHOD_COLOURS["zigzag"]
+    variants = ["zigzag[rho=0.5]", "zigzag+kivi", "zigzag[select=hybrid]"]
+    colours = {charts.method_colour(v) for v in variants}
+    assert charts.METHOD_COLOURS["zigzag"] not in colours
+    assert charts.method_colour("zigzag[rho=0.5]") == charts.method_colour("Zigzag[rho=0.5]")
+    assert all(len(c) == 7 and c.startswith("#") for c in colours)

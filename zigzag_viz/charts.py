@@ -29,10 +29,25 @@ SIGNAL_COLOURS = {"entropy": "#6a3d9a", "lmba": "#d55e00", "hidden": "#1f78b4"}
 _FALLBACK = ["#1b9e77", "#e7298a", "#66a61e", "#a6761d", "#7570b3"]
 
 
+_VARIANT_SHADES = (-0.4, 0.35, -0.22, 0.2, 0.5)
+
+
+def _shade(colour: str, amount: float) -> str:
+    """`colour` (#rrggbb) mixed towards black (amount < 0) or white (amount > 0)."""
+    rgb = [int(colour[i : i + 2], 16) for i in (1, 3, 5)]
+    target = 255 if amount > 0 else 0
+    return "#" + "".join(f"{round(c + (target - c) * abs(amount)):02x}" for c in rgb)
+
+
 def method_colour(spec: str) -> str:
-    """Colour of a method spec, by its base name (`zigzag[rho=0.5]` is drawn like `zigzag`)."""
-    base = spec.split("[", 1)[0].split("+", 1)[0].strip().lower()
-    return METHOD_COLOURS.get(base, _FALLBACK[sum(map(ord, base)) % len(_FALLBACK)])
+    """Colour of a method spec: its base method's colour (the first part of a composition), and for variants
+    with parameters or compositions a darker or lighter shade of it, stable for that spec on every page."""
+    spec = spec.strip().lower()
+    base = spec.split("[", 1)[0].split("+", 1)[0].strip()
+    colour = METHOD_COLOURS.get(base, _FALLBACK[sum(map(ord, base)) % len(_FALLBACK)])
+    if spec == base:
+        return colour
+    return _shade(colour, _VARIANT_SHADES[sum(map(ord, spec)) % len(_VARIANT_SHADES)])
 
 
 def _layout(fig: go.Figure, title: str, height: int = 380) -> go.Figure:
