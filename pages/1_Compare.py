@@ -56,8 +56,8 @@ if st.button("Run", type="primary"):
             st.write("loading the model (once per server)")
             loaded = ui.run_safely(lambda: ui.cached_model(model_name), "Loading the model")
             result = loaded and ui.run_safely(
-                lambda: ui.cached_comparison(model_name, prompt, specs, float(budget), int(window), int(max_new_tokens),
-                                             mode, question.strip() or None, answer.strip() or None),
+                lambda: ui.run_comparison(model_name, prompt, specs, float(budget), int(window), int(max_new_tokens),
+                                          mode, question.strip() or None, answer.strip() or None),
                 "Comparison",
             )
             if result:

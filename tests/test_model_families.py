@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from zigzag_viz import runtime
 from zigzag_viz.compare import compare
 from zigzag_viz.models import _load_smollm2_tokenizer, wrap_model
 from zigzag_viz.prompts import passkey_prompt

@@ -189,10 +189,12 @@ def test_compare_page_reports_a_bad_spec_without_running():
 def test_compare_page_widgets_context_mode_figures_and_exports(monkeypatch):
     import zigzag_viz.ui as ui_module
 
-    calls = []
-    real_compare = ui_module.compare
-    monkeypatch.setattr(ui_module, "compare", lambda *a, **k: calls.append(k["mode"]) or real_compare(*a, **k))
-    ui.cached_comparison.clear()
+    prefills, rows = [], []
+    real_prepare, real_evaluate = ui_module.prepare, ui_module.evaluate
+    monkeypatch.setattr(ui_module, "prepare", lambda *a: prefills.append(a[4]) or real_prepare(*a))
+    monkeypatch.setattr(ui_module, "evaluate", lambda *a: rows.append((a[2].spec, a[3])) or real_evaluate(*a))
+    ui.cached_reference.clear()
+    ui.cached_row.clear()
     at = _open(COMPARE)
     at.selectbox(key="prompt_source").set_value("question over a bundled article").run()
     assert "Kestrel Bay" in at.text_area(key="prompt_question over a bundled article").value
@@ -214,12 +216,22 @@ def test_compare_page_widgets_context_mode_figures_and_exports(monkeypatch):
     assert "Whole comparison as JSON (rows, curves, kept-token maps)" in labels
     assert any("CSV" in label for label in labels) and any("Parquet" in label for label in labels)
     assert sum("(HTML)" in label for label in labels) == 6
-    # Same model, prompt, specs and mode: served from the cache, the model is not run again.
+    assert prefills == ["context"] and len(rows) == 4
+    # The same run again is served from the caches: no prefill, no method.
     _button(at, "Run").click().run()
-    assert calls == ["context"]
+    assert prefills == ["context"] and len(rows) == 4
+    # A new budget reruns the methods on the cached prefill; one more method runs alone.
+    next(s for s in at.slider if s.label == "Kept fraction of the prompt").set_value(0.5).run()
+    _button(at, "Run").click().run()
+    assert prefills == ["context"] and [spec for spec, budget in rows[4:]] == ["full", "zigzag", "adakv", "streaming"]
+    at.multiselect(key="methods").set_value(["full", "zigzag", "adakv", "streaming", "pyramid"]).run()
+    _button(at, "Run").click().run()
+    assert prefills == ["context"] and rows[8:] == [("pyramid", 0.5)]
+    assert list(at.dataframe[0].value["method"]) == ["full", "zigzag", "adakv", "streaming", "pyramid"]
+    # Another mode is another prefill.
     at.radio(key="mode").set_value("aware").run()
     _button(at, "Run").click().run()
-    assert calls == ["context", "aware"]
+    assert prefills == ["context", "aware"]
     assert set(at.dataframe[0].value["mode"]) == {"aware"}
 
 

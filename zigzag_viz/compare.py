@@ -222,6 +222,131 @@ def _timed_budgets(method: CompressionMethod, context: CompressionContext) -> fl
     return time.perf_counter() - started
 
 
+@dataclass
+class Reference:
+    """A prompt prefilled once and answered greedily with full KV: what every method is measured against.
+
+    `pre` holds the compressed part of the prompt (all of it in aware mode, the context in context mode) with
+    its full cache, which is only ever cloned; `logits` (T, V) are full KV's next-token logits per step.
+    """
+
+    model: str
+    mode: str
+    max_new_tokens: int
+    question: str | None
+    question_ids: torch.Tensor | None
+    n_tokens: int
+    prompt_tokens: list[str]
+    pre: runtime.Prefill
+    full_bytes: int
+    full_lengths: list[int]
+    tokens: list[int]
+    logits: np.ndarray
+    text: str
+    question_s: float
+    decode_s: float
+
+    @property
+    def n_context(self) -> int:
+        return self.pre.n_tokens
+
+
+def prepare(
+    loaded: LoadedModel, prompt: str, max_new_tokens: int = 32, window: int = 32, mode: str = "aware",
+    question: str | None = None,
+) -> Reference:
+    """Prefill the prompt once (recording signals) and decode the full-KV answer.
+
+    With `question` given the model reads the prompt, a blank line and the question; in context mode without
+    one, the question is the prompt's last paragraph, and only the tokens before it are prefilled here.
+    """
+    if mode not in MODES:
+        raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if not 1 <= int(max_new_tokens) <= 4096:
+        raise InputError("max_new_tokens must lie in [1, 4096]")
+    text, asked = prompt, None
+    if mode == "context" or (question and question.strip()):
+        _, asked, text = split_question(prompt, question)
+    input_ids = loaded.encode(text)
+    n = input_ids.shape[1]
+    split = loaded.question_start(text, asked, input_ids) if mode == "context" else n
+    if split < 1:
+        raise InputError("context mode needs some context before the question")
+    question_ids = input_ids[:, split:] if mode == "context" else None
+    pre = runtime.prefill(loaded, input_ids[:, :split], window)
+    cache = kvcache.clone(pre.cache)
+    next_logits, position, question_s = feed_question(loaded, cache, pre, question_ids)
+    started = time.perf_counter()
+    tokens, logits = runtime.greedy_decode(loaded, cache, next_logits, position, int(max_new_tokens))
+    decode_s = time.perf_counter() - started
+    return Reference(
+        loaded.name, mode, int(max_new_tokens), asked, question_ids, n, loaded.token_texts(input_ids[0].tolist()),
+        pre, kvcache.kv_bytes(pre.cache), kvcache.layer_lengths(pre.cache), tokens,
+        torch.stack(logits).float().cpu().numpy(), loaded.decode(tokens), question_s, decode_s,
+    )
+
+
+def evaluate(
+    loaded: LoadedModel, reference: Reference, method: CompressionMethod, budget: float, answer: str | None = None,
+) -> MethodResult:
+    """One method on a copy of the reference's prefilled cache, measured against its full-KV answer."""
+    pre = reference.pre
+    forward_s = pre.seconds - pre.analysis_s
+    if method.name == "full":
+        run = CompressedRun(reference.tokens, reference.full_bytes, reference.full_lengths, {}, 0.0,
+                            reference.question_s, reference.decode_s, reference.logits)
+        analysis_s = 0.0
+    else:
+        average_budget(budget, reference.n_context)
+        context = CompressionContext(pre.analysis, budget, loaded=loaded)
+        analysis_s = pre.analysis_s + _timed_budgets(method, context)
+        run = run_method(loaded, pre, method, context, reference.max_new_tokens, reference=reference.tokens,
+                         question_ids=reference.question_ids)
+    text = loaded.decode(run.tokens)
+    return MethodResult(
+        method=method.spec,
+        mode=reference.mode,
+        text=text,
+        token_ids=run.tokens,
+        kv_bytes=run.kv_bytes,
+        kv_fraction=kv_fraction(run.kv_bytes, reference.full_bytes),
+        token_agreement=token_agreement(reference.tokens, run.tokens),
+        first_divergence=first_divergence(reference.tokens, run.tokens),
+        rouge_l=rouge_l(reference.text, text),
+        layer_budgets=[int(b) for b in run.layer_budgets],
+        task_score=task_score(text, answer),
+        prefill_s=forward_s + run.question_s,
+        analysis_s=analysis_s,
+        compress_s=run.compress_s,
+        decode_s=run.decode_s,
+        kl_curve=kl_per_step(reference.logits, run.forced_logits).tolist(),
+        top1_curve=top1_per_step(reference.logits, run.forced_logits).tolist(),
+        kept_map=kept_token_map(run.kept, reference.full_lengths, reference.n_context,
+                                loaded.num_kv_heads).astype(np.float32),
+    )
+
+
+def assemble(reference: Reference, budget: float, answer: str | None, results: list[MethodResult]) -> Comparison:
+    """A Comparison of the reference's prompt from rows computed by `evaluate`."""
+    pre = reference.pre
+    return Comparison(
+        reference.model, reference.mode, reference.n_tokens, reference.n_context, reference.question, budget,
+        pre.analysis.window, reference.full_bytes, pre.analysis, reference.prompt_tokens, answer=answer,
+        results=list(results),
+    )
+
+
+def check_budget(
+    loaded: LoadedModel, reference: Reference, methods: Sequence[CompressionMethod], budget: float
+) -> None:
+    """Raise a BudgetError before any compressed decoding when `budget` is impossible for the prompt or a method."""
+    average_budget(budget, reference.n_context)
+    context = CompressionContext(reference.pre.analysis, budget, loaded=loaded)
+    for method in methods:
+        if hasattr(method, "layer_budgets"):
+            method.layer_budgets(context)
+
+
 def compare(
     loaded: LoadedModel,
     prompt: str,
@@ -234,85 +359,20 @@ def compare(
     mode: str = "aware",
     question: str | None = None,
 ) -> Comparison:
-    """Run full KV once, then each method on a copy of the same prefilled cache; metrics are against full KV.
+    """Full KV once (`prepare`), then each method on a copy of the same prefilled cache (`evaluate`).
 
-    With `question` given the model reads the prompt, a blank line and the question; in context mode without
-    one, the question is the prompt's last paragraph. Seconds per row: `prefill_s` is the forward pass (and,
-    in context mode, feeding the question through that method's cache), `analysis_s` the signal capture and
-    the method's budget rule (0 for full KV), `compress_s` eviction, `decode_s` greedy decoding.
+    Seconds per row: `prefill_s` is the forward pass (and, in context mode, feeding the question through that
+    method's cache), `analysis_s` the signal capture and the method's budget rule (0 for full KV),
+    `compress_s` eviction, `decode_s` greedy decoding.
     """
-    if mode not in MODES:
-        raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if isinstance(methods, str):
         methods = parse_specs(methods)
-    if not 1 <= int(max_new_tokens) <= 4096:
-        raise InputError("max_new_tokens must lie in [1, 4096]")
-    text, asked = prompt, None
-    if mode == "context" or (question and question.strip()):
-        _, asked, text = split_question(prompt, question)
-    input_ids = loaded.encode(text)
-    n = input_ids.shape[1]
-    split = loaded.question_start(text, asked, input_ids) if mode == "context" else n
-    if split < 1:
-        raise InputError("context mode needs some context before the question")
-    average_budget(budget, split)
-    question_ids = input_ids[:, split:] if mode == "context" else None
-
-    _report(progress, 0.0, f"prefill of {split} tokens" + (f", then {n - split} question tokens" if question_ids is not None else ""))
-    pre = runtime.prefill(loaded, input_ids[:, :split], window)
-    context = CompressionContext(pre.analysis, budget, loaded=loaded)
-    budget_s = {id(method): _timed_budgets(method, context) for method in methods}  # fails before any decoding
-    forward_s = pre.seconds - pre.analysis_s
-
-    full_bytes = kvcache.kv_bytes(pre.cache)
-    comparison = Comparison(
-        loaded.name, mode, n, split, asked, budget, pre.analysis.window, full_bytes, pre.analysis,
-        loaded.token_texts(input_ids[0].tolist()), answer=answer,
-    )
-    full_lengths = kvcache.layer_lengths(pre.cache)
-    steps = len(methods) + 1
-    _report(progress, 1 / steps, "decoding with full KV")
-    reference_cache = kvcache.clone(pre.cache)
-    next_logits, position, reference_question_s = feed_question(loaded, reference_cache, pre, question_ids)
-    started = time.perf_counter()
-    reference, reference_logits = runtime.greedy_decode(loaded, reference_cache, next_logits, position, max_new_tokens)
-    reference_logits = torch.stack(reference_logits).float().cpu().numpy()
-    reference_s = time.perf_counter() - started
-    reference_text = loaded.decode(reference)
-    del reference_cache
-
+    _report(progress, 0.0, "prefill and the full-KV answer")
+    reference = prepare(loaded, prompt, max_new_tokens, window, mode, question)
+    check_budget(loaded, reference, methods, budget)
+    results = []
     for index, method in enumerate(methods):
-        _report(progress, (index + 1) / steps, f"{method.spec}: compress and decode")
-        if method.name == "full":
-            run = CompressedRun(reference, full_bytes, full_lengths, {}, 0.0, reference_question_s, reference_s,
-                                reference_logits)
-            analysis_s = 0.0
-        else:
-            run = run_method(loaded, pre, method, context, max_new_tokens, reference=reference, question_ids=question_ids)
-            analysis_s = pre.analysis_s + budget_s[id(method)]
-        tokens, held, budgets, kept, compress_s, question_s, decode_s, forced = run
-        text_out = loaded.decode(tokens)
-        comparison.results.append(
-            MethodResult(
-                method=method.spec,
-                mode=mode,
-                text=text_out,
-                token_ids=tokens,
-                kv_bytes=held,
-                kv_fraction=kv_fraction(held, full_bytes),
-                token_agreement=token_agreement(reference, tokens),
-                first_divergence=first_divergence(reference, tokens),
-                rouge_l=rouge_l(reference_text, text_out),
-                layer_budgets=[int(b) for b in budgets],
-                task_score=task_score(text_out, answer),
-                prefill_s=forward_s + question_s,
-                analysis_s=analysis_s,
-                compress_s=compress_s,
-                decode_s=decode_s,
-                kl_curve=kl_per_step(reference_logits, forced).tolist(),
-                top1_curve=top1_per_step(reference_logits, forced).tolist(),
-                kept_map=kept_token_map(kept, full_lengths, split, loaded.num_kv_heads).astype(np.float32),
-            )
-        )
+        _report(progress, (index + 1) / (len(methods) + 1), f"{method.spec}: compress and decode")
+        results.append(evaluate(loaded, reference, method, budget, answer))
     _report(progress, 1.0, "done")
-    return comparison
+    return assemble(reference, budget, answer, results)

@@ -12,7 +12,7 @@ import streamlit as st
 
 from . import runtime
 from .capture import PromptAnalysis
-from .compare import Comparison, compare
+from .compare import Comparison, MethodResult, Reference, assemble, check_budget, evaluate, prepare
 from .errors import UserError
 from .methods import METHODS, CompressionMethod, Parameter, parse_specs
 from .models import EMBEDDED_MODELS, LoadedModel, load_model
@@ -210,25 +210,42 @@ class ComparisonResult:
     device: str
 
 
-@st.cache_data(max_entries=16, show_spinner=False)
-def cached_comparison(
+@st.cache_resource(max_entries=4, show_spinner=False)
+def cached_reference(model_name: str, prompt: str, window: int, max_new_tokens: int, mode: str,
+                     question: str | None) -> Reference:
+    """The prefilled prompt and its full-KV answer, once per (model, prompt, window, max tokens, mode, question)
+    for the whole server: shared, never modified (methods work on copies of its cache)."""
+    return prepare(cached_model(model_name), prompt, max_new_tokens, window, mode, question)
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def cached_row(model_name: str, prompt: str, window: int, max_new_tokens: int, mode: str, question: str | None,
+               spec: str, budget: float, answer: str | None) -> MethodResult:
+    """One method's row against the cached reference, once per (reference, spec, budget, answer)."""
+    reference = cached_reference(model_name, prompt, window, max_new_tokens, mode, question)
+    return evaluate(cached_model(model_name), reference, parse_specs(spec)[0], budget, answer)
+
+
+def run_comparison(
     model_name: str, prompt: str, specs: tuple[str, ...], budget: float, window: int, max_new_tokens: int,
     mode: str, question: str | None, answer: str | None,
 ) -> ComparisonResult:
-    """Compare `specs` against full KV once per (model, prompt, specs, mode and settings) on this server.
-
-    A progress bar lives and is cleared inside, so a cache hit shows nothing; a failure raises and caches nothing.
-    """
+    """Full KV and every spec on one prompt, with a progress bar; the prefill and each row come from the
+    server's caches when this model, prompt, mode and settings were run before (only new methods run)."""
     loaded = cached_model(model_name)
-    bar = st.progress(0.0, text="starting")
-    result = compare(
-        loaded, prompt, [parse_specs(spec)[0] for spec in specs], budget, max_new_tokens, window, answer=answer,
-        progress=lambda fraction, message: bar.progress(min(max(fraction, 0.0), 1.0), text=message),
-        mode=mode, question=question,
-    )
-    bar.empty()
-    tokens = {r.method: loaded.token_texts(r.token_ids) for r in result.results}
-    return ComparisonResult(result, tokens, str(loaded.device))
+    bar = st.progress(0.0, text="prefill and the full-KV answer")
+    settings = (model_name, prompt, window, max_new_tokens, mode, question)
+    try:
+        reference = cached_reference(*settings)
+        check_budget(loaded, reference, [parse_specs(spec)[0] for spec in specs], budget)
+        rows = []
+        for index, spec in enumerate(specs):
+            bar.progress((index + 1) / (len(specs) + 1), text=f"{spec}: compress and decode")
+            rows.append(cached_row(*settings, spec, budget, answer))
+    finally:
+        bar.empty()
+    tokens = {r.method: loaded.token_texts(r.token_ids) for r in rows}
+    return ComparisonResult(assemble(reference, budget, answer, rows), tokens, str(loaded.device))
 
 
 def default_comparison_models() -> list[str]:
