@@ -97,7 +97,7 @@ for start in range(0, len(result.results), per_row):
 st.subheader("Metrics")
 ui.show_table(result.table(), "comparison")
 st.download_button("Whole comparison as JSON (rows, curves, kept-token maps)", json.dumps(result.to_json()),
-                   file_name="comparison.json", mime="application/json", key="json_comparison")
+                   file_name="comparison.json", mime="application/json", key="json_comparison", on_click="ignore")
 
 curves_tab, kept_tab, budgets_tab, bytes_tab, why_tab = st.tabs(
     ["KL and top-1 per step", "Kept-token map", "Tokens per layer", "KV bytes", "Why these budgets"]

@@ -102,12 +102,14 @@ def test_compare_page_on_smollm2_with_four_methods(browser, app_url):  # noqa: F
     assert "52445" in page.locator(".zz-out").first.text_content()
     _screenshot(page, "compare_smollm2.png")
 
-    page.get_by_role("tab", name="Kept-token map").click()
+    tab = page.get_by_role("tab", name="Kept-token map")
+    tab.click()
     page.get_by_text("still holding the known answer").wait_for(state="visible", timeout=30_000)
     page.get_by_text("Which prompt tokens each layer kept").wait_for(state="visible", timeout=30_000)
     with page.expect_download() as download:
         page.get_by_role("button", name="Whole comparison as JSON").click()
     assert download.value.suggested_filename == "comparison.json"
+    assert tab.get_attribute("aria-selected") == "true"  # a download does not rerun the page
     _screenshot(page, "compare_smollm2_kept_map.png")
 
     page.set_viewport_size({"width": 420, "height": 900})

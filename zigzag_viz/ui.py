@@ -97,7 +97,7 @@ def show_figure(fig: go.Figure, name: str) -> None:
     )
     st.download_button(
         f"Download {name} (HTML)", fig.to_html(include_plotlyjs="cdn", full_html=True), file_name=f"{_slug(name)}.html",
-        mime="text/html", key=f"html_{_slug(name)}",
+        mime="text/html", key=f"html_{_slug(name)}", on_click="ignore",
     )
 
 
@@ -106,9 +106,10 @@ def show_table(frame: pd.DataFrame, name: str) -> None:
     st.dataframe(frame, width="stretch", hide_index=True)
     left, right = st.columns(2)
     left.download_button(f"{name} as CSV", frame.to_csv(index=False), file_name=f"{_slug(name)}.csv",
-                         mime="text/csv", key=f"csv_{_slug(name)}")
+                         mime="text/csv", key=f"csv_{_slug(name)}", on_click="ignore")
     right.download_button(f"{name} as Parquet", frame.to_parquet(index=False), file_name=f"{_slug(name)}.parquet",
-                          mime="application/octet-stream", key=f"parquet_{_slug(name)}")
+                          mime="application/octet-stream", key=f"parquet_{_slug(name)}",
+                          on_click="ignore")
 
 
 def page_style() -> None:
