@@ -49,6 +49,7 @@ def test_compare_json_contract_on_smollm2_from_stdin(prompt_file):
         "--budget", "0.2", "--max-new-tokens", "12", "--json", stdin=path.read_text(),
     )
     assert out.returncode == 0, out.stderr
+    assert "de-quantizing" not in out.stderr  # no progress bars from loading the GGUF
     rows = json.loads(out.stdout)
     assert [r["method"] for r in rows] == ["full", "zigzag", "pyramid", "uniform"]
     for row in rows:
@@ -109,6 +110,14 @@ def test_compare_context_mode_with_a_question_and_an_export(prompt_file, tmp_pat
     assert [r["method"] for r in whole["results"]] == ["full", "zigzag", "uniform"]
     zigzag_map = whole["kept_map"]["methods"]["zigzag"]
     assert len(zigzag_map) == 4 and len(zigzag_map[0]) == len(whole["kept_map"]["bin_edges"]) - 1
+
+
+def test_a_prompt_file_loses_only_its_final_newline(tmp_path):
+    from zigzag_viz.cli import read_prompt
+
+    path = tmp_path / "p.txt"
+    path.write_text("first paragraph\n\n  question?  \n\n")
+    assert read_prompt(str(path)) == "first paragraph\n\n  question?  "
 
 
 def test_analyze_adds_heads_tokens_and_lmbo_without_changing_the_contract(prompt_file):

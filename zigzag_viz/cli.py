@@ -9,8 +9,14 @@ import os
 import sys
 from pathlib import Path
 
-from .capture import SIGNALS
-from .errors import InputError, UserError
+# Before anything imports tqdm or transformers: they read these once, at import.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from .capture import SIGNALS  # noqa: E402
+from .errors import InputError, UserError  # noqa: E402
 
 DEFAULT_METHODS = "full,zigzag,pyramid,uniform"
 
@@ -21,10 +27,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _quiet_libraries() -> None:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TQDM_DISABLE", "1")
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -35,7 +37,8 @@ def _quiet_libraries() -> None:
 
 
 def read_prompt(path: str) -> str:
-    """Prompt text from a file, or standard input for '-'; refuses empty and non-text input."""
+    """Prompt text from a file, or standard input for '-', without its final newline; refuses empty and
+    non-text input."""
     try:
         data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
     except OSError as exc:
@@ -48,7 +51,7 @@ def read_prompt(path: str) -> str:
         raise InputError(f"the prompt in {path} is not UTF-8 text") from None
     if not text.strip():
         raise InputError(f"the prompt in {path} is empty")
-    return text
+    return text.rstrip("\r\n")  # a text file's final newline is not part of the prompt
 
 
 def _fraction(text: str) -> float:
