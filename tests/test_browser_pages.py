@@ -1,6 +1,8 @@
 """The Uncertainty and Budgets pages in headless Chromium on the embedded SmolLM2, with full-page screenshots."""
 
+import json
 import time
+from pathlib import Path
 
 import pytest
 from test_browser import _screenshot, app_url, browser  # noqa: F401  (fixtures reused from the Compare page tests)
@@ -109,6 +111,11 @@ def test_compare_page_on_smollm2_with_four_methods(browser, app_url):  # noqa: F
     with page.expect_download() as download:
         page.get_by_role("button", name="Whole comparison as JSON").click()
     assert download.value.suggested_filename == "comparison.json"
+    assert json.loads(Path(download.value.path()).read_text())["mode"] == "context"
+    with page.expect_download() as table_download:
+        page.get_by_role("button", name="comparison as CSV").click()
+    assert table_download.value.suggested_filename == "comparison.csv"
+    assert Path(table_download.value.path()).read_text().startswith("method,mode,text")
     assert tab.get_attribute("aria-selected") == "true"  # a download does not rerun the page
     _screenshot(page, "compare_smollm2_kept_map.png")
 

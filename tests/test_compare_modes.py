@@ -105,7 +105,7 @@ def test_timing_fields_and_the_whole_comparison_json(tiny):
     assert edges[-1] == result.n_context and len(data["kept_map"]["bin_texts"]) == len(edges) - 1
     assert data["answer_positions"] and all(p < result.n_context for p in data["answer_positions"])
     for row in data["results"]:
-        assert {"rouge_l", "prefill_s", "analysis_s", "decode_s", "ms_per_token", "mode", "kl_mean",
+        assert {"token_ids", "rouge_l", "prefill_s", "analysis_s", "decode_s", "ms_per_token", "mode", "kl_mean",
                 "top1_agreement", "kv_bytes", "kv_fraction", "task_score", "first_divergence"} <= set(row)
 
 

@@ -75,6 +75,7 @@ class MethodResult:
             "method": self.method,
             "mode": self.mode,
             "text": self.text,
+            "token_ids": self.token_ids,
             "kv_bytes": self.kv_bytes,
             "kv_fraction": round(self.kv_fraction, 6),
             "token_agreement": round(self.token_agreement, 6),
@@ -121,7 +122,7 @@ class Comparison:
         """One row per method (pandas DataFrame) with the headline numbers."""
         import pandas as pd
 
-        hidden = {"layer_budgets", "kl_curve", "top1_curve"}
+        hidden = {"layer_budgets", "kl_curve", "top1_curve", "token_ids"}
         rows = [{k: v for k, v in r.to_json().items() if k not in hidden} for r in self.results]
         return pd.DataFrame(rows)
 
