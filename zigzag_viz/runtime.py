@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from .attention import observing
 from .capture import PromptAnalysis, recording
 from .errors import OutOfMemoryError
 from .models import LoadedModel
@@ -90,6 +91,20 @@ def prefill(
             logits = forward_tokens(loaded, cache, input_ids, 0, last_only=True)
         seconds = time.perf_counter() - started
     return Prefill(input_ids, cache, logits[-1], recorder.analysis(), seconds, recorder.seconds)
+
+
+def observe_prefill(loaded: LoadedModel, input_ids: torch.Tensor, observer) -> None:
+    """Prefill `input_ids` (1, n) into a throwaway cache while `observer.on_attention` sees every layer."""
+    with loaded.lock, observing(observer):
+        forward_tokens(loaded, new_cache(loaded), input_ids, 0, last_only=True)
+
+
+def greedy_tokens(loaded: LoadedModel, input_ids: torch.Tensor, max_new_tokens: int) -> list[int]:
+    """The model's greedy continuation of `input_ids` (1, n) with full KV, at most `max_new_tokens` tokens."""
+    cache = new_cache(loaded)
+    with loaded.lock:
+        logits = forward_tokens(loaded, cache, input_ids, 0, last_only=True)[-1]
+    return greedy_decode(loaded, cache, logits, input_ids.shape[1], max_new_tokens)[0]
 
 
 def greedy_decode(

@@ -1,6 +1,8 @@
 """Compression methods, one file each, registered by name in METHODS."""
 
-from . import adakv, baklava, full, kivi, kvsharer, l2norm, minicache, pyramid, streaming, think, uniform, zigzag  # noqa: F401  (each module registers its method)
+from . import (  # noqa: F401  (each module registers its method)
+    adakv, baklava, full, kivi, kvsharer, l2norm, less, minicache, pyramid, streaming, think, uniform, zigzag,
+)
 from .base import (
     METHODS,
     STAGES,
@@ -16,7 +18,7 @@ from .base import (
 
 # Display order everywhere (pickers, listings): the reference, the budget rules, then the other axes.
 _ORDER = ("full", "zigzag", "pyramid", "uniform", "adakv", "baklava", "streaming", "l2norm", "kvsharer", "minicache",
-          "think", "kivi")
+          "less", "think", "kivi")
 for _name in sorted(METHODS, key=lambda n: _ORDER.index(n) if n in _ORDER else len(_ORDER)):
     METHODS[_name] = METHODS.pop(_name)
 
