@@ -118,3 +118,13 @@ def test_less_on_smollm2_in_both_modes(smollm2):
         assert less.kv_fraction == pytest.approx(uniform.kv_fraction, abs=0.01) and less.kv_fraction > uniform.kv_fraction
         assert np.isfinite(less.kl_mean) and len(less.token_ids) >= 1
         assert less.kept_map.sum(axis=1).tolist() == pytest.approx(less.layer_budgets)
+
+
+def test_training_reports_progress_through_evaluate(tiny):
+    from zigzag_viz.compare import evaluate, prepare
+
+    reference = prepare(tiny, passkey_prompt(n_sentences=12, seed=2).text, max_new_tokens=3, window=16)
+    messages = []
+    row = evaluate(tiny, reference, parse_spec("less"), 0.3, progress=lambda f, m: messages.append((f, m)))
+    assert any("training the kernels of layer 4/4" in m for _, m in messages)
+    assert messages[-1][0] == 1.0 and row.kv_fraction < 0.35

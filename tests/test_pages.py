@@ -192,7 +192,7 @@ def test_compare_page_widgets_context_mode_figures_and_exports(monkeypatch):
     prefills, rows = [], []
     real_prepare, real_evaluate = ui_module.prepare, ui_module.evaluate
     monkeypatch.setattr(ui_module, "prepare", lambda *a: prefills.append(a[4]) or real_prepare(*a))
-    monkeypatch.setattr(ui_module, "evaluate", lambda *a: rows.append((a[2].spec, a[3])) or real_evaluate(*a))
+    monkeypatch.setattr(ui_module, "evaluate", lambda *a, **k: rows.append((a[2].spec, a[3])) or real_evaluate(*a, **k))
     ui.cached_reference.clear()
     ui.cached_row.clear()
     at = _open(COMPARE)

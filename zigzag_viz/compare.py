@@ -289,8 +289,10 @@ def prepare(
 
 def evaluate(
     loaded: LoadedModel, reference: Reference, method: CompressionMethod, budget: float, answer: str | None = None,
+    progress: Progress | None = None,
 ) -> MethodResult:
-    """One method on a copy of the reference's prefilled cache, measured against its full-KV answer."""
+    """One method on a copy of the reference's prefilled cache, measured against its full-KV answer.
+    `progress(fraction, message)` hears from methods that calibrate on the model first."""
     pre = reference.pre
     forward_s = pre.seconds - pre.analysis_s
     if method.name == "full":
@@ -299,7 +301,7 @@ def evaluate(
         analysis_s = 0.0
     else:
         average_budget(budget, reference.n_context)
-        context = CompressionContext(pre.analysis, budget, loaded=loaded)
+        context = CompressionContext(pre.analysis, budget, loaded=loaded, progress=progress)
         analysis_s = pre.analysis_s + _timed_budgets(method, context)
         run = run_method(loaded, pre, method, context, reference.max_new_tokens, reference=reference.tokens,
                          question_ids=reference.question_ids)

@@ -221,10 +221,11 @@ def cached_reference(model_name: str, prompt: str, window: int, max_new_tokens: 
 
 @st.cache_data(max_entries=256, show_spinner=False)
 def cached_row(model_name: str, prompt: str, window: int, max_new_tokens: int, mode: str, question: str | None,
-               spec: str, budget: float, answer: str | None) -> MethodResult:
-    """One method's row against the cached reference, once per (reference, spec, budget, answer)."""
+               spec: str, budget: float, answer: str | None, _progress=None) -> MethodResult:
+    """One method's row against the cached reference, once per (reference, spec, budget, answer); `_progress`
+    (not part of the key) hears from methods that calibrate first."""
     reference = cached_reference(model_name, prompt, window, max_new_tokens, mode, question)
-    return evaluate(cached_model(model_name), reference, parse_specs(spec)[0], budget, answer)
+    return evaluate(cached_model(model_name), reference, parse_specs(spec)[0], budget, answer, progress=_progress)
 
 
 def run_comparison(
@@ -241,8 +242,13 @@ def run_comparison(
         check_budget(loaded, reference, [parse_specs(spec)[0] for spec in specs], budget)
         rows = []
         for index, spec in enumerate(specs):
-            bar.progress((index + 1) / (len(specs) + 1), text=f"{spec}: compress and decode")
-            rows.append(cached_row(*settings, spec, budget, answer))
+            step = (index + 1) / (len(specs) + 1)
+            bar.progress(step, text=f"{spec}: compress and decode")
+
+            def calibrating(fraction: float, message: str, step: float = step) -> None:
+                bar.progress(step, text=f"{message} ({fraction:.0%}; once per model)")
+
+            rows.append(cached_row(*settings, spec, budget, answer, _progress=calibrating))
     finally:
         bar.empty()
     tokens = {r.method: loaded.token_texts(r.token_ids) for r in rows}
