@@ -123,8 +123,9 @@ with kept_tab:
     else:
         st.info("Pick methods to draw which prompt tokens each layer kept.")
 with budgets_tab:
-    ui.show_figure(charts.layer_budget_bars_figure({r.method: r.layer_budgets for r in result.results},
-                                                   analysis.layer_caps), "tokens per layer")
+    ui.show_figure(charts.layer_budget_bars_figure(
+        {r.method: r.layer_budgets for r in result.results if r.method != "full"}, analysis.layer_caps),
+        "tokens per layer")
 with bytes_tab:
     ui.show_figure(charts.kv_bytes_figure([r.method for r in result.results], [r.kv_bytes for r in result.results]),
                    "KV bytes")
