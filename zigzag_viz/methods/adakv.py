@@ -6,11 +6,9 @@ import numpy as np
 import torch
 
 from .. import cache as kvcache
-from ..budgets import DEFAULT_BETA, DEFAULT_RHO, pyramid_budgets, uniform_budgets, zigzag_budgets
 from ..selection import snapkv_scores
 from .base import CompressionReport, Parameter, TokenBudgetMethod, prompt_positions, register
 
-ALLOCATIONS = ("uniform", "zigzag", "pyramid")
 
 
 @register
@@ -21,18 +19,12 @@ class AdaKV(TokenBudgetMethod):
     compresses = "tokens per KV head"
     leaves_dense = False
     parameters = {
-        "alloc": Parameter(str, "uniform", "layer budgets: uniform, zigzag (LMBA) or pyramid", choices=ALLOCATIONS),
+        "alloc": TokenBudgetMethod.alloc_parameter,
         "alpha": Parameter(float, 0.2, "share of each layer's budget spread evenly over heads", low=0.0, high=1.0),
     }
 
     def layer_budgets(self, context):
-        a = context.analysis
-        avg = context.avg_budget
-        if self.params["alloc"] == "zigzag":
-            return zigzag_budgets(a.layer_signal("lmba"), avg, a.n_tokens, a.window, rho=DEFAULT_RHO, caps=a.layer_caps)
-        if self.params["alloc"] == "pyramid":
-            return pyramid_budgets(a.num_layers, avg, a.n_tokens, a.window, beta=DEFAULT_BETA, caps=a.layer_caps)
-        return uniform_budgets(a.num_layers, avg, a.n_tokens, a.window, caps=a.layer_caps)
+        return self.allocated_budgets(context)
 
     def compress(self, cache, context):
         budgets = self.layer_budgets(context)

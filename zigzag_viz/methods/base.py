@@ -8,13 +8,13 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
 
 from .. import cache as kvcache
-from ..budgets import average_budget
+from ..budgets import DEFAULT_BETA, DEFAULT_RHO, average_budget, pyramid_budgets, uniform_budgets, zigzag_budgets
 from ..capture import PromptAnalysis
 from ..errors import InputError
 from ..selection import SELECTORS, keep_top
@@ -115,12 +115,29 @@ class CompressionMethod(ABC):
         """Shrink `cache` in place after prefill."""
 
 
+# Layer-budget rules a method may take as its `alloc` parameter: (analysis, B_avg tokens) → (L,) tokens kept.
+ALLOCATIONS: dict[str, Callable[[PromptAnalysis, float], np.ndarray]] = {
+    "uniform": lambda a, avg: uniform_budgets(a.num_layers, avg, a.n_tokens, a.window, caps=a.layer_caps),
+    "zigzag": lambda a, avg: zigzag_budgets(a.layer_signal("lmba"), avg, a.n_tokens, a.window, rho=DEFAULT_RHO,
+                                            caps=a.layer_caps),
+    "pyramid": lambda a, avg: pyramid_budgets(a.num_layers, avg, a.n_tokens, a.window, beta=DEFAULT_BETA,
+                                              caps=a.layer_caps),
+}
+
+
 class TokenBudgetMethod(CompressionMethod):
     """Evicts tokens per layer: a budget rule gives B_l, a selector picks which B_l tokens each KV head keeps."""
 
     select_parameter: ClassVar[Parameter] = Parameter(
         str, "snapkv", "within-layer selection", choices=tuple(SELECTORS)
     )
+    alloc_parameter: ClassVar[Parameter] = Parameter(
+        str, "uniform", "layer budgets: uniform, zigzag (LMBA) or pyramid", choices=tuple(ALLOCATIONS)
+    )
+
+    def allocated_budgets(self, context: CompressionContext) -> np.ndarray:
+        """(L,) tokens per layer from the rule named by this method's `alloc` parameter."""
+        return ALLOCATIONS[self.params["alloc"]](context.analysis, context.avg_budget)
 
     @abstractmethod
     def layer_budgets(self, context: CompressionContext) -> np.ndarray:

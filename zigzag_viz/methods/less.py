@@ -38,7 +38,6 @@ import torch
 from .. import cache as kvcache
 from .. import runtime
 from ..attention import bottom_right_causal_mask
-from ..budgets import DEFAULT_BETA, DEFAULT_RHO, pyramid_budgets, uniform_budgets, zigzag_budgets
 from ..errors import InputError
 from ..models import LoadedModel
 from ..selection import keep_top, snapkv_scores
@@ -54,7 +53,6 @@ from .calibration import (
     save_calibration,
 )
 
-ALLOCATIONS = ("uniform", "zigzag", "pyramid")
 HIDDEN = 32
 ANSWER_TOKENS = 24  # the model's own greedy answer: its queries train the kernels (they are what decoding sees)
 TRAIN_WINDOW = 32
@@ -284,7 +282,7 @@ class Less(TokenBudgetMethod):
     calibration = "once per model: kernels trained against full attention on generated prompts"
     leaves_dense = False
     parameters = {
-        "alloc": Parameter(str, "uniform", "layer budgets: uniform, zigzag (LMBA) or pyramid", choices=ALLOCATIONS),
+        "alloc": TokenBudgetMethod.alloc_parameter,
         "rank": Parameter(int, 8, "size r of the state per KV head (kernels are trained per rank)", choices=(4, 8, 16)),
         "select": TokenBudgetMethod.select_parameter,
     }
@@ -292,13 +290,7 @@ class Less(TokenBudgetMethod):
     held_out_seeds: ClassVar[range] = range(3100, 3103)
 
     def layer_budgets(self, context):
-        a = context.analysis
-        avg = context.avg_budget
-        if self.params["alloc"] == "zigzag":
-            return zigzag_budgets(a.layer_signal("lmba"), avg, a.n_tokens, a.window, rho=DEFAULT_RHO, caps=a.layer_caps)
-        if self.params["alloc"] == "pyramid":
-            return pyramid_budgets(a.num_layers, avg, a.n_tokens, a.window, beta=DEFAULT_BETA, caps=a.layer_caps)
-        return uniform_budgets(a.num_layers, avg, a.n_tokens, a.window, caps=a.layer_caps)
+        return self.allocated_budgets(context)
 
     def calibration_key(self, loaded: LoadedModel) -> str:
         return (f"{model_fingerprint(loaded)}|rank={self.params['rank']} hidden={HIDDEN} steps={TRAIN_STEPS} "
