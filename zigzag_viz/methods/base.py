@@ -152,14 +152,18 @@ class TokenBudgetMethod(CompressionMethod):
 
     def compress(self, cache, context: CompressionContext) -> CompressionReport:
         budgets = self.layer_budgets(context)
+        held = kvcache.layer_lengths(cache)
         kept = {}
         for layer, budget in enumerate(budgets):
-            held = kvcache.layer_lengths(cache)[layer]
-            if budget < held:
+            if budget < held[layer]:
                 keep = keep_top(self.scores(cache, layer, context), int(budget), context.analysis.window)
-                kvcache.evict(cache, layer, keep)
-                kept[layer] = prompt_positions(keep, held, context.analysis.n_tokens)
+                self.evict_layer(cache, layer, keep, context)
+                kept[layer] = prompt_positions(keep, held[layer], context.analysis.n_tokens)
         return CompressionReport(layer_budgets=np.asarray(budgets), kept=kept)
+
+    def evict_layer(self, cache, layer: int, keep: torch.Tensor, context: CompressionContext) -> None:
+        """Keep only tokens `keep` (H_kv, B) of one dense layer; methods that store more than the kept rows override it."""
+        kvcache.evict(cache, layer, keep)
 
 
 class CompositeMethod(CompressionMethod):

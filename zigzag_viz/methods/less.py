@@ -42,7 +42,7 @@ from ..errors import InputError
 from ..models import LoadedModel
 from ..selection import keep_top, snapkv_scores
 from ..prompts import filler, passkey_prompt, split_question
-from .base import CompressionReport, Parameter, TokenBudgetMethod, prompt_positions, register
+from .base import CompressionReport, Parameter, TokenBudgetMethod, register
 from .calibration import (
     Progress,
     calibration_path,
@@ -60,6 +60,7 @@ TRAIN_FRACTIONS = (0.1, 0.2, 0.3, 0.5)
 TRAIN_STEPS = 150
 
 calibrations_computed = 0  # how many trainings this process actually ran (tests check reuse with it)
+_kernels_in_memory: dict[tuple[str, str], dict] = {}  # (weights file, calibration key) → kernels, read once per process
 
 
 def features(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -211,8 +212,10 @@ def _examples(collected: tuple, first: int, prefix: int) -> dict[str, torch.Tens
         evicted.append(~kept)
         kept_num.append(torch.matmul(weights, values))
         kept_den.append(weights.sum(dim=-1, keepdim=True))
+    kept_num, kept_den = torch.stack(kept_num), torch.stack(kept_den)
+    evict_mse = (kept_num / kept_den - target).square().mean(dim=(1, 2, 3))  # (F,): eviction alone, per fraction
     return {"future": future, "keys": keys, "values": values, "target": target, "evicted": torch.stack(evicted),
-            "kept_num": torch.stack(kept_num), "kept_den": torch.stack(kept_den)}
+            "kept_num": kept_num, "kept_den": kept_den, "evict_mse": evict_mse}
 
 
 def _window_probs(window_q: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -225,9 +228,9 @@ def _window_probs(window_q: torch.Tensor, keys: torch.Tensor, scaling: float) ->
     return torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)
 
 
-def _errors(kernel_q, kernel_k, examples: list[dict]) -> tuple[torch.Tensor, float]:
-    """Mean squared error of LESS's output against full attention (a tensor, for training) and of eviction alone."""
-    total, evict_only, count = 0.0, 0.0, 0
+def _error(kernel_q, kernel_k, examples: list[dict]) -> torch.Tensor:
+    """Mean squared error of LESS's output against full attention, over examples and fractions."""
+    total, count = 0.0, 0
     for ex in examples:
         phi_k = features(kernel_k, ex["keys"])  # (H_kv, n, r), shared by every fraction
         phi_q = features(kernel_q, ex["future"])  # (H_kv, gQ, r)
@@ -238,9 +241,8 @@ def _errors(kernel_q, kernel_k, examples: list[dict]) -> tuple[torch.Tensor, flo
             out = (ex["kept_num"][f] + torch.matmul(phi_q, state)) / (
                 ex["kept_den"][f] + (phi_q * normaliser[:, None, :]).sum(dim=-1, keepdim=True))
             total = total + (out - ex["target"]).square().mean()
-            evict_only += float((ex["kept_num"][f] / ex["kept_den"][f] - ex["target"]).square().mean())
             count += 1
-    return total / count, evict_only / count
+    return total / count
 
 
 def _init_kernel(num_kv: int, dim: int, rank: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -253,7 +255,7 @@ def _init_kernel(num_kv: int, dim: int, rank: int, generator: torch.Generator) -
 
 
 def train_layer(train: list[dict], held_out: list[dict], rank: int, seed: int) -> tuple[dict, dict, dict]:
-    """Kernels (φ_q, φ_k) of one layer, with train/held-out errors of LESS and of eviction alone."""
+    """Kernels (φ_q, φ_k) of one layer, with the held-out errors of LESS and of eviction alone."""
     generator = torch.Generator().manual_seed(seed)
     num_kv, dim = train[0]["keys"].shape[0], train[0]["keys"].shape[-1]
     kernel_q, kernel_k = _init_kernel(num_kv, dim, rank, generator), _init_kernel(num_kv, dim, rank, generator)
@@ -263,14 +265,15 @@ def train_layer(train: list[dict], held_out: list[dict], rank: int, seed: int) -
     optimiser = torch.optim.Adam(params, lr=1e-2)
     for _ in range(TRAIN_STEPS):
         optimiser.zero_grad()
-        loss, _ = _errors(kernel_q, kernel_k, train)
+        loss = _error(kernel_q, kernel_k, train)
         loss.backward()
         optimiser.step()
     with torch.no_grad():
         for p in params:
             p.requires_grad_(False)
-        less, evict = _errors(kernel_q, kernel_k, held_out)
-    return kernel_q, kernel_k, {"held_out_mse": float(less), "held_out_mse_evict_only": evict}
+        less = _error(kernel_q, kernel_k, held_out)
+    evict = torch.cat([ex["evict_mse"] for ex in held_out]).mean()
+    return kernel_q, kernel_k, {"held_out_mse": float(less), "held_out_mse_evict_only": float(evict)}
 
 
 @register
@@ -298,19 +301,24 @@ class Less(TokenBudgetMethod):
                 f"|tasks{len(self.train_seeds)}s{self.train_seeds.start}")
 
     def kernels(self, loaded: LoadedModel, progress: Progress | None = None) -> dict:
-        """{"q": [per-layer kernel], "k": [...], "summary": {...}}: stored kernels if present, else trained and saved."""
+        """{"q": [per-layer kernel], "k": [...], "summary": {...}}: kernels already read in this process, else
+        stored kernels, else trained and saved."""
         key = self.calibration_key(loaded)
-        summary = load_calibration(loaded, self.name, key)
         weights = calibration_path(loaded, self.name).with_name(f"less_rank{self.params['rank']}.pt")
-        if summary is not None and weights.exists():
-            stored = torch.load(weights, weights_only=True)
-            if stored.get("key") == key:
-                report_progress(progress, 1.0, "less: kernels reused")
-                return {"q": stored["q"], "k": stored["k"], "summary": summary}
-        result = self._train(loaded, progress)
-        weights.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key, "q": result["q"], "k": result["k"]}, weights)
-        save_calibration(loaded, self.name, key, result["summary"])
+        held = _kernels_in_memory.get((str(weights), key))
+        if held is not None:
+            return held
+        summary = load_calibration(loaded, self.name, key)
+        stored = torch.load(weights, weights_only=True) if summary is not None and weights.exists() else {}
+        if stored.get("key") == key:
+            report_progress(progress, 1.0, "less: kernels reused")
+            result = {"q": stored["q"], "k": stored["k"], "summary": summary}
+        else:
+            result = self._train(loaded, progress)
+            weights.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"key": key, "q": result["q"], "k": result["k"]}, weights)
+            save_calibration(loaded, self.name, key, result["summary"])
+        _kernels_in_memory[(str(weights), key)] = result
         return result
 
     def _train(self, loaded: LoadedModel, progress: Progress | None) -> dict:
@@ -367,32 +375,29 @@ class Less(TokenBudgetMethod):
         return {"q": kernels_q, "k": kernels_k, "summary": summary}
 
     def compress(self, cache, context) -> CompressionReport:
-        budgets = self.layer_budgets(context)
-        if all(b >= held for b, held in zip(budgets, kvcache.layer_lengths(cache))):
-            return CompressionReport(layer_budgets=np.asarray(budgets), notes=["less: nothing evicted, no state"])
-        loaded = context_model(context, self.name)
-        kernels = self.kernels(loaded, getattr(context, "progress", None))
+        report = super().compress(cache, context)
+        if not report.kept:
+            report.notes.append("less: nothing evicted, no state")
+            return report
+        ratio = self.kernels(context_model(context, self.name))["summary"]["held_out_error_ratio"]
+        report.notes.append(f"less: rank-{self.params['rank']} state per KV head; on held-out prompts the kernels "
+                            f"leave {ratio:.0%} of eviction's attention-output error")
+        return report
+
+    def evict_layer(self, cache, layer, keep, context) -> None:
+        """Fold the layer's evicted rows into its state, then keep `keep` (H_kv, B) in a LessLayer."""
+        kernels = self.kernels(context_model(context, self.name), getattr(context, "progress", None))
         if len(kernels["q"]) != kvcache.layer_count(cache):
             raise InputError(f"less: the kernels are for {len(kernels['q'])} layers, the cache has "
                              f"{kvcache.layer_count(cache)}")
-        kept = {}
-        for layer, budget in enumerate(budgets):
-            if not kvcache.is_dense(cache, layer):
-                raise InputError("less evicts from dense layers: it cannot follow a method that changed their storage")
-            held = kvcache.layer_lengths(cache)[layer]
-            if budget >= held:
-                continue
-            entry = cache.layers[layer]
-            keep = keep_top(self.scores(cache, layer, context), int(budget), context.analysis.window)
-            device = entry.keys.device
-            evicted = torch.ones(keep.shape[0], held, dtype=torch.bool, device=device).scatter_(1, keep.to(device), False)
-            kernel_k = {k: v.to(device) for k, v in kernels["k"][layer].items()}
-            state, normaliser = evicted_state(kernel_k, entry.keys[0].float(), entry.values[0].float(), evicted)
-            kvcache.evict(cache, layer, keep)
-            cache.layers[layer] = LessLayer(entry.keys, entry.values, state, normaliser,
-                                            {k: v.to(device) for k, v in kernels["q"][layer].items()})
-            kept[layer] = prompt_positions(keep, held, context.analysis.n_tokens)
-        ratio = kernels["summary"]["held_out_error_ratio"]
-        notes = [f"less: rank-{self.params['rank']} state per KV head; on held-out prompts the kernels leave "
-                 f"{ratio:.0%} of eviction's attention-output error"]
-        return CompressionReport(layer_budgets=np.asarray(budgets), notes=notes, kept=kept)
+        if not kvcache.is_dense(cache, layer):
+            raise InputError("less evicts from dense layers: it cannot follow a method that changed their storage")
+        entry = cache.layers[layer]
+        device = entry.keys.device
+        held = entry.keys.shape[-2]
+        evicted = torch.ones(keep.shape[0], held, dtype=torch.bool, device=device).scatter_(1, keep.to(device), False)
+        kernel_k = {k: v.to(device) for k, v in kernels["k"][layer].items()}
+        state, normaliser = evicted_state(kernel_k, entry.keys[0].float(), entry.values[0].float(), evicted)
+        kvcache.evict(cache, layer, keep)
+        cache.layers[layer] = LessLayer(entry.keys, entry.values, state, normaliser,
+                                        {k: v.to(device) for k, v in kernels["q"][layer].items()})
