@@ -6,7 +6,7 @@ import streamlit as st
 
 from zigzag_viz import charts, ui
 from zigzag_viz.budgets import budget_curves
-from zigzag_viz.capture import bin_columns, bin_edges, bin_texts, bins_of
+from zigzag_viz.capture import bins_of
 from zigzag_viz.prompts import EXAMPLES
 
 OWN_PROMPT = "type your own"
@@ -109,17 +109,16 @@ with kept_tab:
     evicting = [r.method for r in result.results if r.kept_map.size and r.kept_map.min() < 1]
     picked = st.multiselect("Methods on the map", [r.method for r in result.results], default=evicting[:4],
                             key="kept_methods", help="Methods that keep every token show a uniform map")
-    edges = bin_edges(result.n_context)
-    texts = bin_texts(result.prompt_tokens[: result.n_context], edges)
-    maps = {r.method: bin_columns(r.kept_map, edges, "mean") for r in result.results if r.method in picked}
-    answer_bins = bins_of(result.answer_positions, edges)
+    edges, texts, binned = result.binned_kept_maps()
+    maps = {method: values for method, values in binned.items() if method in picked}
+    positions = result.answer_positions
     if maps:
-        if result.answer_positions:
-            survived = {r.method: float(r.kept_map[:, result.answer_positions].mean()) for r in result.results
-                        if r.method in picked}
+        if positions:
+            survived = {r.method: float(r.kept_map[:, positions].mean()) for r in result.results if r.method in picked}
             st.caption("Share of (layer, KV head) slots still holding the known answer's tokens: "
                        + " · ".join(f"{m} {v:.0%}" for m, v in survived.items()))
-        ui.show_figure(charts.kept_map_figure(maps, edges, texts, answer_bins, analysis.sliding_layers), "kept-token map")
+        ui.show_figure(charts.kept_map_figure(maps, edges, texts, bins_of(positions, edges), analysis.sliding_layers),
+                       "kept-token map")
     else:
         st.info("Pick methods to draw which prompt tokens each layer kept.")
 with budgets_tab:

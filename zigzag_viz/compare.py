@@ -16,7 +16,7 @@ import torch
 from . import cache as kvcache
 from . import runtime
 from .budgets import average_budget
-from .capture import PromptAnalysis, bin_columns, bin_edges, bin_texts
+from .capture import MAX_BINS, PromptAnalysis, bin_columns, bin_edges, bin_texts
 from .methods import CompressionContext, CompressionMethod, parse_specs
 from .metrics import (
     answer_token_positions, first_divergence, kept_token_map, kl_per_step, kv_fraction, rouge_l, task_score,
@@ -126,10 +126,16 @@ class Comparison:
         rows = [{k: v for k, v in r.to_json().items() if k not in hidden} for r in self.results]
         return pd.DataFrame(rows)
 
-    def to_json(self, max_bins: int = 512) -> dict:
+    def binned_kept_maps(self, max_bins: int = MAX_BINS) -> tuple[np.ndarray, list[str], dict[str, np.ndarray]]:
+        """Bin edges (bins + 1,), bin texts (bins,) and each method's kept-token map averaged per bin (L, bins)."""
+        edges = bin_edges(self.n_context, max_bins)
+        texts = bin_texts(self.prompt_tokens[: self.n_context], edges)
+        return edges, texts, {r.method: bin_columns(r.kept_map, edges, "mean") for r in self.results}
+
+    def to_json(self, max_bins: int = MAX_BINS) -> dict:
         """Everything about this comparison: settings, every row, and each method's kept-token map binned to
         at most `max_bins` columns (bin edges and texts included)."""
-        edges = bin_edges(self.n_context, max_bins)
+        edges, texts, maps = self.binned_kept_maps(max_bins)
         return {
             "model": self.model,
             "mode": self.mode,
@@ -143,8 +149,8 @@ class Comparison:
             "answer_positions": self.answer_positions,
             "kept_map": {
                 "bin_edges": edges.tolist(),
-                "bin_texts": bin_texts(self.prompt_tokens[: self.n_context], edges),
-                "methods": {r.method: np.round(bin_columns(r.kept_map, edges, "mean"), 4).tolist() for r in self.results},
+                "bin_texts": texts,
+                "methods": {method: np.round(binned, 4).tolist() for method, binned in maps.items()},
             },
             "results": [r.to_json() for r in self.results],
         }
