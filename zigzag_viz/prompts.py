@@ -72,6 +72,11 @@ def filler(rng: random.Random, n_sentences: int) -> list[str]:
     return sentences[:n_sentences]
 
 
+def paragraphs(sentences: list[str], per_paragraph: int = 6) -> str:
+    """Sentences grouped `per_paragraph` to a paragraph, paragraphs separated by blank lines."""
+    return "\n\n".join(" ".join(sentences[i : i + per_paragraph]) for i in range(0, len(sentences), per_paragraph))
+
+
 def passkey_prompt(n_sentences: int = 60, depth: float = 0.5, seed: int = 0, passkey: str | None = None) -> GeneratedPrompt:
     """Passkey retrieval: a 5-digit key hidden at relative `depth` (0 = start, 1 = end) of the filler prose.
 
@@ -84,10 +89,9 @@ def passkey_prompt(n_sentences: int = 60, depth: float = 0.5, seed: int = 0, pas
     sentences = filler(rng, n_sentences)
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
     sentences.insert(round(depth * len(sentences)), needle)
-    paragraphs = [" ".join(sentences[i : i + 6]) for i in range(0, len(sentences), 6)]
     text = (
         "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n\n"
-        + "\n\n".join(paragraphs)
+        + paragraphs(sentences)
         + "\n\nWhat is the pass key? Answer with the number only."
     )
     return GeneratedPrompt(text=text, answer=key, needle_depth=depth)
@@ -98,8 +102,7 @@ def needle_prompt(n_sentences: int = 50, depth: float = 0.6, seed: int = 3) -> G
     rng = random.Random(seed)
     sentences = filler(rng, n_sentences)
     sentences.insert(round(depth * len(sentences)), "The name of the lighthouse keeper's cat is Pepper.")
-    paragraphs = [" ".join(sentences[i : i + 6]) for i in range(0, len(sentences), 6)]
-    text = "\n\n".join(paragraphs) + "\n\nWhat is the name of the lighthouse keeper's cat? Answer with the name only."
+    text = paragraphs(sentences) + "\n\nWhat is the name of the lighthouse keeper's cat? Answer with the name only."
     return GeneratedPrompt(text=text, answer="Pepper", needle_depth=depth)
 
 

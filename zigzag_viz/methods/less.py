@@ -41,7 +41,7 @@ from ..attention import bottom_right_causal_mask
 from ..errors import InputError
 from ..models import LoadedModel
 from ..selection import keep_top, snapkv_scores
-from ..prompts import filler, passkey_prompt, split_question
+from ..prompts import filler, paragraphs, passkey_prompt, split_question
 from .base import CompressionReport, Parameter, TokenBudgetMethod, register
 from .calibration import (
     Progress,
@@ -169,8 +169,7 @@ def calibration_text(seed: int) -> str:
     else:
         picked = rng.choice(sentences)
         question = f"Which sentence of the text mentions {' '.join(picked.split()[1:4]).strip('.,')}? Repeat it."
-    paragraphs = [" ".join(sentences[i : i + 6]) for i in range(0, len(sentences), 6)]
-    return "\n\n".join(paragraphs) + "\n\n" + question
+    return paragraphs(sentences) + "\n\n" + question
 
 
 class _Collector:
