@@ -117,6 +117,12 @@ def divergence_html(token_texts: Sequence[str], divergence: int | None, colour: 
     )
 
 
+def _bin_labels(edges: np.ndarray, texts: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Hover labels of token bins: the token range of each ("12–15", or "12") and its text with <> made harmless."""
+    ranges = [f"{a}–{b - 1}" if b - a > 1 else f"{a}" for a, b in zip(edges[:-1], edges[1:])]
+    return ranges, [t.replace("<", "‹").replace(">", "›") for t in texts]
+
+
 def agreement_curves_figure(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]]) -> go.Figure:
     """Per generated step, teacher-forced along the full-KV answer: KL(full ‖ method) in nats (top) and the
     running share of steps whose top-1 token matches full KV (bottom). curves: method → (kl (T,), top1 (T,))."""
@@ -179,8 +185,7 @@ def kept_map_figure(
             runs[-1] = (runs[-1][0], b)
         else:
             runs.append((b, b))
-    ranges = [f"{a}–{b - 1}" if b - a > 1 else f"{a}" for a, b in zip(edges[:-1], edges[1:])]
-    labels = np.asarray([f"{r}: {t.replace('<', '‹').replace('>', '›')}" for r, t in zip(ranges, texts)], dtype=object)
+    labels = np.asarray([f"{r}: {t}" for r, t in zip(*_bin_labels(edges, texts))], dtype=object)
     fig = make_subplots(rows=max(len(names), 1), cols=1, shared_xaxes=True, vertical_spacing=0.04 if len(names) < 6 else 0.02,
                         subplot_titles=names)
     for row, name in enumerate(names, start=1):
@@ -322,10 +327,10 @@ def token_map_figure(
         raise ValueError(f"{bins} bins need {bins} texts and {bins + 1} edges, got {len(texts)} and {len(edges)}")
     with np.errstate(divide="ignore"):
         colour = np.where(values > 0, np.log10(np.where(values > 0, values, 1.0)), np.nan) if log else values
-    ranges = [f"{a}–{b - 1}" if b - a > 1 else f"{a}" for a, b in zip(edges[:-1], edges[1:])]
+    ranges, safe_texts = _bin_labels(edges, texts)
     info = np.empty((num_layers, bins, 3), dtype=object)
     info[:, :, 0] = np.asarray(ranges, dtype=object)[None, :]
-    info[:, :, 1] = np.asarray([t.replace("<", "‹").replace(">", "›") for t in texts], dtype=object)[None, :]
+    info[:, :, 1] = np.asarray(safe_texts, dtype=object)[None, :]
     info[:, :, 2] = np.vectorize(lambda v: f"{v:.3g}", otypes=[object])(values)
     colorbar = dict(title=dict(text=("log₁₀ " if log else "") + value_label, side="right"), thickness=14)
     if log and np.isfinite(colour).any():
