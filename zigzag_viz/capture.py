@@ -157,13 +157,14 @@ def window_attention(
 ) -> torch.Tensor:
     """Softmax rows of the last `window` queries over the keys they may see: (H_q, w, n) float32.
 
-    query (1, H_q, n, d), key (1, H_kv, n, d); grouped heads share keys without repeating them.
+    query (1, H_q, q, d) holds the last q ≤ n positions (all n during a prefill), key (1, H_kv, n, d); grouped
+    heads share keys without repeating them.
     """
-    _, num_q, n, dim = query.shape
-    num_kv = key.shape[1]
+    _, num_q, q_len, dim = query.shape
+    num_kv, n = key.shape[1], key.shape[2]
     group = num_q // num_kv
-    w = min(window, n)
-    q_win = query[0, :, n - w :, :].float().reshape(num_kv, group * w, dim)
+    w = min(window, q_len)
+    q_win = query[0, :, q_len - w :, :].float().reshape(num_kv, group * w, dim)
     scores = torch.matmul(q_win, key[0].float().transpose(-1, -2)).mul_(scaling).view(num_q, w, n)
     query_pos = torch.arange(n - w, n, device=query.device)[:, None]
     key_pos = torch.arange(n, device=query.device)[None, :]

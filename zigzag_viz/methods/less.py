@@ -38,6 +38,7 @@ import torch
 from .. import cache as kvcache
 from .. import runtime
 from ..attention import bottom_right_causal_mask
+from ..capture import window_attention
 from ..errors import InputError
 from ..models import LoadedModel
 from ..selection import keep_top, snapkv_scores
@@ -197,7 +198,8 @@ def _examples(collected: tuple, first: int, prefix: int) -> dict[str, torch.Tens
     keys, values = keys[:, start:prefix].clone(), values[:, start:prefix].clone()
     num_q, num_kv = queries.shape[0], keys.shape[0]
     group, n = num_q // num_kv, keys.shape[1]
-    kv_scores = snapkv_scores(_window_probs(window_q, keys, scaling).view(num_kv, group, -1, n).sum(dim=(1, 2)))
+    probs = window_attention(window_q[None], keys[None], scaling, TRAIN_WINDOW)  # (H_q, w, n)
+    kv_scores = snapkv_scores(probs.view(num_kv, group, -1, n).sum(dim=(1, 2)))
     future = future_q.reshape(num_kv, group * future_q.shape[1], -1)
     scores = torch.matmul(future, keys.transpose(-1, -2)) * scaling  # (H_kv, g·Q, n)
     target = torch.matmul(torch.softmax(scores, dim=-1), values)
@@ -215,16 +217,6 @@ def _examples(collected: tuple, first: int, prefix: int) -> dict[str, torch.Tens
     evict_mse = (kept_num / kept_den - target).square().mean(dim=(1, 2, 3))  # (F,): eviction alone, per fraction
     return {"future": future, "keys": keys, "values": values, "target": target, "evicted": torch.stack(evicted),
             "kept_num": kept_num, "kept_den": kept_den, "evict_mse": evict_mse}
-
-
-def _window_probs(window_q: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Causal attention (H_q, w, n) of the prefix's last w queries over the prefix keys (H_kv, n, d)."""
-    num_q, w, dim = window_q.shape
-    num_kv, n = keys.shape[0], keys.shape[1]
-    grouped = window_q.reshape(num_kv, (num_q // num_kv) * w, dim)
-    scores = (torch.matmul(grouped, keys.transpose(-1, -2)) * scaling).view(num_q, w, n)
-    hidden = torch.arange(n)[None, :] > torch.arange(n - w, n)[:, None]
-    return torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)
 
 
 def _error(kernel_q, kernel_k, examples: list[dict]) -> torch.Tensor:
