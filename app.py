@@ -38,10 +38,10 @@ st.subheader("Start here")
 st.page_link("pages/1_Compare.py", label="**Compare**: one prompt, full KV against compressed caches: answers side by "
              "side, and which tokens each layer kept",
              icon=":material/compare:")
-st.page_link("pages/2_Uncertainty.py", label="**Uncertainty**: entropy, LMBA, hidden-state change and LMBO per layer, "
-             "which prompt text each layer attends to, and how the zig-zag differs between models",
+st.page_link("pages/2_Uncertainty.py", label="**Uncertainty**: entropy, LMBA, hidden change and LMBO per layer, "
+             "where each layer looks, and how models differ",
              icon=":material/stacked_line_chart:")
-st.page_link("pages/3_Budgets.py", label="**Budgets**: move ρ, τ, β and the kept fraction and watch ZigZag, PyramidKV "
-             "and uniform budgets (and the KV bytes they imply) redraw without touching the model",
+st.page_link("pages/3_Budgets.py", label="**Budgets**: move ρ, τ, β and the kept fraction; ZigZag, PyramidKV and "
+             "uniform budgets and their KV bytes redraw without the model",
              icon=":material/tune:")
 st.markdown(STEPS)
