@@ -28,9 +28,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
 
-from zigzag_viz import attention, runtime
-from zigzag_viz.models import load_model
-from zigzag_viz.prompts import passkey_prompt
+from zigzag_viz.pipeline import attention, runtime
+from zigzag_viz.pipeline.models import load_model
+from zigzag_viz.evaluation.prompts import passkey_prompt
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

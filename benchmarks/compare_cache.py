@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from streamlit.testing.v1 import AppTest
 
-    from zigzag_viz import ui
+    from zigzag_viz.presentation import ui
 
     logging.getLogger("streamlit").setLevel(logging.ERROR)  # loading the model outside a page run is intended
     at = AppTest.from_file(str(PAGE), default_timeout=900)

@@ -25,13 +25,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np
 
-from zigzag_viz import cache as kvcache
-from zigzag_viz import runtime
-from zigzag_viz.compare import feed_question, run_method
+from zigzag_viz.pipeline import cache as kvcache
+from zigzag_viz.pipeline import runtime
+from zigzag_viz.evaluation.compare import feed_question, run_method
 from zigzag_viz.errors import UserError
 from zigzag_viz.methods import METHODS, CompositeMethod, CompressionContext, TokenBudgetMethod, parse_spec
-from zigzag_viz.models import load_model
-from zigzag_viz.prompts import passkey_prompt, split_question
+from zigzag_viz.pipeline.models import load_model
+from zigzag_viz.evaluation.prompts import passkey_prompt, split_question
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FRACTIONS = (0.1, 0.2, 0.35, 0.5, 0.7)

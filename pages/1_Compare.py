@@ -4,10 +4,10 @@ import json
 
 import streamlit as st
 
-from zigzag_viz import charts, ui
-from zigzag_viz.budgets import budget_curves
-from zigzag_viz.capture import bins_of
-from zigzag_viz.prompts import EXAMPLES
+from zigzag_viz.presentation import charts, ui
+from zigzag_viz.pipeline.budgets import budget_curves
+from zigzag_viz.pipeline.capture import bins_of
+from zigzag_viz.evaluation.prompts import EXAMPLES
 
 OWN_PROMPT = "type your own"
 MODES = {

@@ -2,9 +2,10 @@
 
 import streamlit as st
 
-from zigzag_viz import capture, charts, ui
-from zigzag_viz.models import EMBEDDED_MODELS
-from zigzag_viz.prompts import example_prompt
+from zigzag_viz.pipeline import capture
+from zigzag_viz.presentation import charts, ui
+from zigzag_viz.pipeline.models import EMBEDDED_MODELS
+from zigzag_viz.evaluation.prompts import example_prompt
 
 st.set_page_config(page_title="Uncertainty · zigzag_viz", page_icon=":material/insights:", layout="wide")
 ui.page_style()

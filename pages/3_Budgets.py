@@ -3,8 +3,9 @@
 import numpy as np
 import streamlit as st
 
-from zigzag_viz import budgets, capture, charts, ui
-from zigzag_viz.prompts import example_prompt
+from zigzag_viz.pipeline import budgets, capture
+from zigzag_viz.presentation import charts, ui
+from zigzag_viz.evaluation.prompts import example_prompt
 
 st.set_page_config(page_title="Budgets · zigzag_viz", page_icon=":material/tune:", layout="wide")
 ui.page_style()

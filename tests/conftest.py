@@ -8,7 +8,7 @@ os.environ.setdefault("ZIGZAG_VIZ_DEVICE", "cpu")
 import pytest
 import torch
 
-from zigzag_viz.models import load_model
+from zigzag_viz.pipeline.models import load_model
 
 
 @pytest.fixture(scope="session")

@@ -2,10 +2,10 @@
 
 import torch
 
-from zigzag_viz import attention, runtime
-from zigzag_viz import cache as kvcache
-from zigzag_viz.attention import bottom_right_causal_mask
-from zigzag_viz.selection import keep_top
+from zigzag_viz.pipeline import attention, runtime
+from zigzag_viz.pipeline import cache as kvcache
+from zigzag_viz.pipeline.attention import bottom_right_causal_mask
+from zigzag_viz.pipeline.selection import keep_top
 
 
 def test_bottom_right_mask_aligns_new_queries_with_the_end_of_the_cache():

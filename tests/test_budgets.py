@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zigzag_viz.budgets import (
+from zigzag_viz.pipeline.budgets import (
     budget_curves,
     fit_to_bounds,
     pyramid_budgets,

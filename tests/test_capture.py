@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from zigzag_viz import attention, runtime
-from zigzag_viz.capture import LMBO_GRID, Cancelled, bin_columns, bin_edges, bin_texts, min_budget_fraction
-from zigzag_viz.prompts import passkey_prompt
+from zigzag_viz.pipeline import attention, runtime
+from zigzag_viz.pipeline.capture import LMBO_GRID, Cancelled, bin_columns, bin_edges, bin_texts, min_budget_fraction
+from zigzag_viz.evaluation.prompts import passkey_prompt
 
 
 def eager_reference(loaded, ids, window):
@@ -111,7 +111,7 @@ def test_binning_keeps_totals_and_texts():
 
 
 def test_window_output_used_by_lmbo_equals_the_attention_module_output(tiny, random_ids):
-    from zigzag_viz.capture import _window_output, decoder_layers
+    from zigzag_viz.pipeline.capture import _window_output, decoder_layers
 
     seen, outputs = {}, {}
 

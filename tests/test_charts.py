@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from zigzag_viz import capture, charts
+from zigzag_viz.pipeline import capture
+from zigzag_viz.presentation import charts
 
 
 def test_kv_cache_bytes_is_tokens_times_two_heads_dims_and_element_size():

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from zigzag_viz.prompts import passkey_prompt
+from zigzag_viz.evaluation.prompts import passkey_prompt
 
 
 def run_cli(*args, stdin=None):

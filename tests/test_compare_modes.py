@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from zigzag_viz.capture import bin_edges, bins_of
-from zigzag_viz.compare import compare
+from zigzag_viz.pipeline.capture import bin_edges, bins_of
+from zigzag_viz.evaluation.compare import compare
 from zigzag_viz.errors import InputError
 from zigzag_viz.methods import METHODS, TokenBudgetMethod
-from zigzag_viz.metrics import answer_token_positions, kept_token_map, rouge_l
-from zigzag_viz.prompts import EXAMPLES, example_prompt, passkey_prompt, split_question
+from zigzag_viz.evaluation.metrics import answer_token_positions, kept_token_map, rouge_l
+from zigzag_viz.evaluation.prompts import EXAMPLES, example_prompt, passkey_prompt, split_question
 
 TOKEN_METHODS = ["zigzag", "pyramid", "uniform", "streaming", "l2norm", "adakv", "uniform[select=hybrid]"]
 

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from zigzag_viz import cache as kvcache
-from zigzag_viz import runtime
-from zigzag_viz.compare import compare
+from zigzag_viz.pipeline import cache as kvcache
+from zigzag_viz.pipeline import runtime
+from zigzag_viz.evaluation.compare import compare
 from zigzag_viz.methods import CompressionContext, parse_spec
-from zigzag_viz.prompts import passkey_prompt
-from zigzag_viz.selection import keep_top
+from zigzag_viz.evaluation.prompts import passkey_prompt
+from zigzag_viz.pipeline.selection import keep_top
 
 
 def test_keep_top_keeps_the_window_and_the_best_in_order():
@@ -102,7 +102,7 @@ def test_a_destructive_budget_shows_kl_above_zero(tiny):
 
 
 def test_kl_and_top1_helpers():
-    from zigzag_viz.metrics import kl_per_step, top1_per_step
+    from zigzag_viz.evaluation.metrics import kl_per_step, top1_per_step
 
     a = np.array([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     b = np.array([[2.0, 0.0, 0.0], [1.0, 0.0, 0.0]])

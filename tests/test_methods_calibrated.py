@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from zigzag_viz import cache as kvcache
-from zigzag_viz import runtime
-from zigzag_viz.compare import compare
+from zigzag_viz.pipeline import cache as kvcache
+from zigzag_viz.pipeline import runtime
+from zigzag_viz.evaluation.compare import compare
 from zigzag_viz.errors import InputError
 from zigzag_viz.methods import CompressionContext, parse_spec
 from zigzag_viz.methods import baklava as baklava_module
@@ -20,7 +20,7 @@ from zigzag_viz.methods.baklava import BaKlaVa, head_budgets
 from zigzag_viz.methods.calibration import CalibrationSet, calibration_path
 from zigzag_viz.methods.kvsharer import KVSharer, SharedLayer
 from zigzag_viz.methods.minicache import MergedLayer, pair_layers, slerp_directions
-from zigzag_viz.prompts import passkey_prompt
+from zigzag_viz.evaluation.prompts import passkey_prompt
 
 SMALL = CalibrationSet(prompts=2, sentences=8)
 

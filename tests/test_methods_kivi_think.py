@@ -5,15 +5,15 @@ import math
 import pytest
 import torch
 
-from zigzag_viz import cache as kvcache
-from zigzag_viz import runtime
-from zigzag_viz.compare import compare
+from zigzag_viz.pipeline import cache as kvcache
+from zigzag_viz.pipeline import runtime
+from zigzag_viz.evaluation.compare import compare
 from zigzag_viz.errors import InputError
 from zigzag_viz.methods import CompressionContext, parse_spec
 from zigzag_viz.methods.kivi import KiviLayer, pack, unpack
 from zigzag_viz.methods.think import ThinkLayer
-from zigzag_viz.models import _load_smollm2_tokenizer, wrap_model
-from zigzag_viz.prompts import passkey_prompt
+from zigzag_viz.pipeline.models import _load_smollm2_tokenizer, wrap_model
+from zigzag_viz.evaluation.prompts import passkey_prompt
 
 H_KV, HEAD_DIM, LAYERS = 2, 16, 4  # the tiny model
 

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from zigzag_viz import cache as kvcache
-from zigzag_viz import runtime
-from zigzag_viz.compare import compare
+from zigzag_viz.pipeline import cache as kvcache
+from zigzag_viz.pipeline import runtime
+from zigzag_viz.evaluation.compare import compare
 from zigzag_viz.methods import CompressionContext, parse_spec
 from zigzag_viz.methods import less as less_module
 from zigzag_viz.methods.less import Less, LessLayer, calibration_text, combined_attention, features
-from zigzag_viz.prompts import passkey_prompt
+from zigzag_viz.evaluation.prompts import passkey_prompt
 
 
 @pytest.fixture(autouse=True)
@@ -121,7 +121,7 @@ def test_less_on_smollm2_in_both_modes(smollm2):
 
 
 def test_training_reports_progress_through_evaluate(tiny):
-    from zigzag_viz.compare import evaluate, prepare
+    from zigzag_viz.evaluation.compare import evaluate, prepare
 
     reference = prepare(tiny, passkey_prompt(n_sentences=12, seed=2).text, max_new_tokens=3, window=16)
     messages = []

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from zigzag_viz import cache as kvcache
-from zigzag_viz import runtime
-from zigzag_viz.compare import compare
+from zigzag_viz.pipeline import cache as kvcache
+from zigzag_viz.pipeline import runtime
+from zigzag_viz.evaluation.compare import compare
 from zigzag_viz.errors import InputError
 from zigzag_viz.methods import CompressionContext, parse_spec
 from zigzag_viz.methods.adakv import head_split
-from zigzag_viz.prompts import passkey_prompt
+from zigzag_viz.evaluation.prompts import passkey_prompt
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-from zigzag_viz.metrics import first_divergence, kv_fraction, task_score, token_agreement
+from zigzag_viz.evaluation.metrics import first_divergence, kv_fraction, task_score, token_agreement
 
 
 def test_identical_sequences():

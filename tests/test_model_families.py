@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from zigzag_viz.compare import compare
-from zigzag_viz.models import _load_smollm2_tokenizer, wrap_model
-from zigzag_viz.prompts import passkey_prompt
+from zigzag_viz.evaluation.compare import compare
+from zigzag_viz.pipeline.models import _load_smollm2_tokenizer, wrap_model
+from zigzag_viz.evaluation.prompts import passkey_prompt
 
 from test_capture import _compare_with_eager
 
@@ -63,7 +63,7 @@ def test_compare_runs_and_shrinks_memory_for_every_family(family_model):
 
 @pytest.mark.slow
 def test_gemma3_capture_is_exact_with_sliding_layers():
-    from zigzag_viz.models import load_model
+    from zigzag_viz.pipeline.models import load_model
 
     gemma = load_model("gemma3", "cpu")
     for sentences in (14, 55):
@@ -75,7 +75,7 @@ def test_gemma3_capture_is_exact_with_sliding_layers():
 
 @pytest.mark.slow
 def test_gemma3_answers_and_keeps_sliding_layers_within_their_window():
-    from zigzag_viz.models import load_model
+    from zigzag_viz.pipeline.models import load_model
 
     gemma = load_model("gemma3", "cpu")
     prompt = passkey_prompt(n_sentences=60, depth=0.4, seed=11)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from zigzag_viz import ui
+from zigzag_viz.presentation import ui
 
 ROOT = Path(__file__).resolve().parents[1]
 UNCERTAINTY = str(ROOT / "pages" / "2_Uncertainty.py")
@@ -187,7 +187,7 @@ def test_compare_page_reports_a_bad_spec_without_running():
 
 
 def test_compare_page_widgets_context_mode_figures_and_exports(monkeypatch):
-    import zigzag_viz.ui as ui_module
+    import zigzag_viz.presentation.ui as ui_module
 
     prefills, rows = [], []
     real_prepare, real_evaluate = ui_module.prepare, ui_module.evaluate

@@ -2,8 +2,8 @@
 
 import pytest
 
-from zigzag_viz.compare import compare
-from zigzag_viz.prompts import passkey_prompt
+from zigzag_viz.evaluation.compare import compare
+from zigzag_viz.evaluation.prompts import passkey_prompt
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from .capture import SIGNALS  # noqa: E402
+from .pipeline.capture import SIGNALS  # noqa: E402
 from .errors import InputError, UserError  # noqa: E402
 
 DEFAULT_METHODS = "full,zigzag,pyramid,uniform"
@@ -111,10 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_analyze(args) -> dict:
-    from . import runtime
-    from .budgets import budget_curves
-    from .capture import LMBO_GRID, bin_columns, bin_edges, bin_texts
-    from .models import load_model
+    from .pipeline import runtime
+    from .pipeline.budgets import budget_curves
+    from .pipeline.capture import LMBO_GRID, bin_columns, bin_edges, bin_texts
+    from .pipeline.models import load_model
 
     text = read_prompt(args.prompt_file)
     loaded = load_model(args.model)
@@ -164,9 +164,9 @@ def run_analyze(args) -> dict:
 
 
 def run_compare(args) -> list[dict]:
-    from .compare import compare
+    from .evaluation.compare import compare
     from .methods import parse_specs
-    from .models import load_model
+    from .pipeline.models import load_model
 
     methods = parse_specs(args.methods)
     text = read_prompt(args.prompt_file)

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import torch
 
-from .. import cache as kvcache
-from ..selection import snapkv_scores
+from ..pipeline import cache as kvcache
+from ..pipeline.selection import snapkv_scores
 from .base import CompressionReport, Parameter, TokenBudgetMethod, prompt_positions, register
 
 

@@ -23,12 +23,12 @@ from typing import ClassVar
 
 import numpy as np
 
-from .. import cache as kvcache
-from .. import runtime
-from ..budgets import check_feasible, fit_to_bounds
+from ..pipeline import cache as kvcache
+from ..pipeline import runtime
+from ..pipeline.budgets import check_feasible, fit_to_bounds
 from ..errors import InputError
-from ..models import LoadedModel
-from ..selection import keep_top
+from ..pipeline.models import LoadedModel
+from ..pipeline.selection import keep_top
 from .base import CompressionReport, Parameter, TokenBudgetMethod, prompt_positions, register
 from .calibration import (
     CalibrationSet,

@@ -13,11 +13,11 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import torch
 
-from .. import cache as kvcache
-from ..budgets import DEFAULT_BETA, DEFAULT_RHO, average_budget, pyramid_budgets, uniform_budgets, zigzag_budgets
-from ..capture import PromptAnalysis
+from ..pipeline import cache as kvcache
+from ..pipeline.budgets import DEFAULT_BETA, DEFAULT_RHO, average_budget, pyramid_budgets, uniform_budgets, zigzag_budgets
+from ..pipeline.capture import PromptAnalysis
 from ..errors import InputError
-from ..selection import SELECTORS, keep_top
+from ..pipeline.selection import SELECTORS, keep_top
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .. import runtime
+from ..pipeline import runtime
 from ..errors import InputError
-from ..models import LoadedModel, cache_folder
-from ..prompts import passkey_prompt
+from ..pipeline.models import LoadedModel, cache_folder
+from ..evaluation.prompts import passkey_prompt
 
 Progress = Callable[[float, str], None]
 

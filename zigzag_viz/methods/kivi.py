@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import cache as kvcache
+from ..pipeline import cache as kvcache
 from ..errors import InputError
 from .base import CompressionMethod, CompressionReport, Parameter, register
 

@@ -29,10 +29,10 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from .. import cache as kvcache
-from .. import runtime
+from ..pipeline import cache as kvcache
+from ..pipeline import runtime
 from ..errors import InputError
-from ..models import LoadedModel
+from ..pipeline.models import LoadedModel
 from .base import CompressionMethod, CompressionReport, Parameter, register
 from .calibration import (
     CalibrationSet,

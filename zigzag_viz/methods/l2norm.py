@@ -1,6 +1,6 @@
 """L2-norm: keep the tokens whose keys have the lowest L2 norm (plus the recent window), same budget per layer."""
 
-from ..selection import SELECTORS
+from ..pipeline.selection import SELECTORS
 from .base import Parameter, register
 from .uniform import Uniform
 

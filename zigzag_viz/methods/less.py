@@ -35,14 +35,14 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from .. import cache as kvcache
-from .. import runtime
-from ..attention import bottom_right_causal_mask
-from ..capture import window_attention
+from ..pipeline import cache as kvcache
+from ..pipeline import runtime
+from ..pipeline.attention import bottom_right_causal_mask
+from ..pipeline.capture import window_attention
 from ..errors import InputError
-from ..models import LoadedModel
-from ..selection import keep_top, snapkv_scores
-from ..prompts import filler, paragraphs, passkey_prompt, split_question
+from ..pipeline.models import LoadedModel
+from ..pipeline.selection import keep_top, snapkv_scores
+from ..evaluation.prompts import filler, paragraphs, passkey_prompt, split_question
 from .base import CompressionReport, Parameter, TokenBudgetMethod, register
 from .calibration import (
     Progress,

@@ -1,6 +1,6 @@
 """PyramidKV: budgets fall linearly with depth."""
 
-from ..budgets import DEFAULT_BETA, pyramid_budgets
+from ..pipeline.budgets import DEFAULT_BETA, pyramid_budgets
 from .base import Parameter, TokenBudgetMethod, register
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from ..budgets import uniform_budgets
+from ..pipeline.budgets import uniform_budgets
 from .base import Parameter, TokenBudgetMethod, register
 
 

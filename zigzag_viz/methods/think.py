@@ -16,8 +16,8 @@ import math
 import numpy as np
 import torch
 
-from .. import cache as kvcache
-from ..attention import bottom_right_causal_mask
+from ..pipeline import cache as kvcache
+from ..pipeline.attention import bottom_right_causal_mask
 from ..errors import InputError
 from .base import CompressionMethod, CompressionReport, Parameter, register
 from .kivi import dense_entry, sliding_window_of

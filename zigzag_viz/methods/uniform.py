@@ -1,6 +1,6 @@
 """Uniform budgets with SnapKV selection: every layer keeps the same number of tokens."""
 
-from ..budgets import uniform_budgets
+from ..pipeline.budgets import uniform_budgets
 from .base import TokenBudgetMethod, register
 
 

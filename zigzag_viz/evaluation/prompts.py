@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
-from .errors import InputError
+from ..errors import InputError
 
 FILLER_SENTENCES = (
     "The river bends twice before it reaches the old mill at the edge of the village.",
@@ -108,7 +108,7 @@ def needle_prompt(n_sentences: int = 50, depth: float = 0.6, seed: int = 3) -> G
 
 def document_prompt() -> GeneratedPrompt:
     """A question over a bundled article (about 900 tokens); the answer appears once, a third of the way in."""
-    article = resources.files("zigzag_viz").joinpath("texts/tide_mill.txt").read_text(encoding="utf-8").strip()
+    article = resources.files("zigzag_viz.evaluation").joinpath("texts/tide_mill.txt").read_text(encoding="utf-8").strip()
     text = article + "\n\nAccording to the article, who designed the tide mill at Kestrel Bay? Answer with the name only."
     return GeneratedPrompt(text=text, answer="Marta Lindqvist", needle_depth=article.find("Marta Lindqvist") / len(article))
 

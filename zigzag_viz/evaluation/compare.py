@@ -13,17 +13,17 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from . import cache as kvcache
-from . import runtime
-from .budgets import average_budget
-from .capture import MAX_BINS, PromptAnalysis, bin_columns, bin_edges, bin_texts
-from .methods import CompressionContext, CompressionMethod, parse_specs
+from ..pipeline import cache as kvcache
+from ..pipeline import runtime
+from ..pipeline.budgets import average_budget
+from ..pipeline.capture import MAX_BINS, PromptAnalysis, bin_columns, bin_edges, bin_texts
+from ..methods import CompressionContext, CompressionMethod, parse_specs
 from .metrics import (
     answer_token_positions, first_divergence, kept_token_map, kl_per_step, kv_fraction, rouge_l, task_score,
     token_agreement, top1_per_step,
 )
-from .errors import InputError
-from .models import LoadedModel
+from ..errors import InputError
+from ..pipeline.models import LoadedModel
 from .prompts import split_question
 
 Progress = Callable[[float, str], None]

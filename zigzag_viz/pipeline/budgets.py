@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import BudgetError
+from ..errors import BudgetError
 
 DEFAULT_RHO = 0.2
 DEFAULT_BETA = 20.0

@@ -10,12 +10,12 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from . import runtime
-from .capture import PromptAnalysis
-from .compare import Comparison, MethodResult, Reference, assemble, check_budget, evaluate, prepare
-from .errors import UserError
-from .methods import METHODS, CompressionMethod, Parameter, parse_specs
-from .models import EMBEDDED_MODELS, LoadedModel, load_model
+from ..pipeline import runtime
+from ..pipeline.capture import PromptAnalysis
+from ..evaluation.compare import Comparison, MethodResult, Reference, assemble, check_budget, evaluate, prepare
+from ..errors import UserError
+from ..methods import METHODS, CompressionMethod, Parameter, parse_specs
+from ..pipeline.models import EMBEDDED_MODELS, LoadedModel, load_model
 
 T = TypeVar("T")
 

