@@ -22,7 +22,7 @@ H_KV, HEAD_DIM, LAYERS = 2, 16, 4  # the tiny model
 def prefilled(tiny):
     """300 random tokens through the tiny model: longer than KIVI's residual of 128."""
     ids = torch.randint(100, 20000, (1, 300), generator=torch.Generator().manual_seed(1))
-    return runtime.prefill(tiny, ids, window=16)
+    return runtime.prefill(tiny, ids, window=16, needs=frozenset({"query_energy"}))
 
 
 def _compressed(pre, spec, budget=0.3):
@@ -96,7 +96,7 @@ def test_think_keeps_the_channels_with_the_largest_query_key_magnitude(prefilled
 
 def test_kivi_with_residual_over_the_prompt_and_think_keeping_every_channel_equal_full(tiny):
     ids = tiny.encode(passkey_prompt(n_sentences=10, seed=2).text)
-    pre = runtime.prefill(tiny, ids, window=16)
+    pre = runtime.prefill(tiny, ids, window=16, needs=frozenset({"query_energy"}))
     n = ids.shape[1]
     full_tokens, full_logits = runtime.greedy_decode(tiny, kvcache.clone(pre.cache), pre.next_logits, n, 12)
     for spec, tolerance in ((f"kivi[residual={n}]", 0.0), ("think[keep=1.0]", 1e-5)):
@@ -209,7 +209,7 @@ def _tiny_gemma3():
 def test_sliding_layers_keep_their_window_through_kivi_and_think():
     gemma = _tiny_gemma3()
     ids = torch.randint(100, 20000, (1, 200), generator=torch.Generator().manual_seed(3))
-    pre = runtime.prefill(gemma, ids, window=16)
+    pre = runtime.prefill(gemma, ids, window=16, needs=frozenset({"query_energy"}))
     full_tokens, full_logits = runtime.greedy_decode(gemma, kvcache.clone(pre.cache), pre.next_logits, 200, 12)
     for spec, tolerance in (("kivi[residual=200]", 0.0), ("think[keep=1.0]", 1e-5)):
         cache, _ = _compressed(pre, spec)

@@ -16,7 +16,7 @@ import torch
 from ..pipeline import cache as kvcache
 from ..pipeline import runtime
 from ..pipeline.budgets import average_budget
-from ..pipeline.capture import MAX_BINS, PromptAnalysis, bin_columns, bin_edges, bin_texts
+from ..pipeline.capture import MAX_BINS, PREFILL_RECORDS, PromptAnalysis, bin_columns, bin_edges, bin_texts
 from ..methods import CompressionContext, CompressionMethod, parse_specs
 from .metrics import (
     answer_token_positions, first_divergence, kept_token_map, kl_per_step, kv_fraction, rouge_l, task_score,
@@ -280,7 +280,7 @@ def prepare(
     if split < 1:
         raise InputError("context mode needs some context before the question")
     question_ids = input_ids[:, split:] if mode == "context" else None
-    pre = runtime.prefill(loaded, input_ids[:, :split], window)
+    pre = runtime.prefill(loaded, input_ids[:, :split], window, needs=frozenset(PREFILL_RECORDS))
     cache = kvcache.clone(pre.cache)
     next_logits, position, question_s = feed_question(loaded, cache, pre, question_ids)
     started = time.perf_counter()

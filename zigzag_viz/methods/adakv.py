@@ -27,7 +27,7 @@ class AdaKV(TokenBudgetMethod):
         return self.allocated_budgets(context)
 
     def compress(self, cache, context):
-        budgets = self.layer_budgets(context)
+        budgets = self.budgets(context)
         window = context.analysis.window
         spreads, kept = [], {}
         for layer, budget in enumerate(budgets):

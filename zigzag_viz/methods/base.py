@@ -45,13 +45,15 @@ class Parameter:
 
 @dataclass
 class CompressionContext:
-    """What a method may use: the prompt's signals, the kept fraction asked for (0 < budget ≤ 1), and the model
-    (for methods that calibrate on it), with an optional progress(fraction, message) callback."""
+    """What a method may use for one row: the prompt's signals, the kept fraction asked for (0 < budget ≤ 1),
+    and the model (for methods that calibrate on it), with an optional progress(fraction, message) callback
+    that may raise to cancel. Layer budgets are computed once per method and context (`CompressionMethod.budgets`)."""
 
     analysis: PromptAnalysis
     budget: float
     loaded: Any = None
     progress: Any = None
+    _budgets: dict = field(default_factory=dict, repr=False)
 
     @property
     def avg_budget(self) -> float:
@@ -78,11 +80,20 @@ STAGES = ("tokens", "layers", "channels", "bits")
 
 
 class CompressionMethod(ABC):
-    """A KV-cache compression method. Subclasses set `name`, `summary`, `paper`, `compresses`, `stage`,
-    `calibration` (what it needs beyond the prompt) and `parameters`.
+    """A KV-cache compression method: one small class per file in this folder, registered by its `name`.
 
-    `compress` works on a cache whose layers are dense unless `accepts_compressed` is True; it leaves dense
-    layers behind unless `leaves_dense` is False (so later stages of a composition can still work on them).
+    Subclasses set `name`, `summary`, `paper`, `compresses`, `stage`, `calibration` (what it needs beyond the
+    prompt) and `parameters`, and implement `compress`. The contract the runner relies on:
+
+    - `prefill_needs`: extra records the prefill must keep for this method (e.g. {"query_energy"} for ThinK);
+    - `warm_up(context)`: once-per-model work before the first prompt (calibration), reporting progress;
+    - `layer_budgets(context)`: (L,) tokens kept per layer, or None for methods that do not allocate per
+      layer; `budgets(context)` computes it once per row and every caller reuses it;
+    - `compress(cache, context)`: shrink the cache in place and report what was kept;
+    - `lossless`: True when `compress` leaves the cache as it is (full KV), so its row is the reference's.
+
+    `compress` works on a cache whose layers are dense; it leaves dense layers behind unless `leaves_dense` is
+    False (so later stages of a composition can still work on them).
     """
 
     name: ClassVar[str]
@@ -92,6 +103,8 @@ class CompressionMethod(ABC):
     stage: ClassVar[str] = "tokens"
     calibration: ClassVar[str] = "none"
     leaves_dense: ClassVar[bool] = True
+    lossless: ClassVar[bool] = False
+    prefill_needs: ClassVar[frozenset[str]] = frozenset()
     parameters: ClassVar[dict[str, Parameter]] = {}
 
     def __init__(self, **params: Any):
@@ -109,6 +122,20 @@ class CompressionMethod(ABC):
         """Canonical spec string: defaults left out."""
         changed = [f"{k}={v}" for k, v in self.params.items() if v != self.parameters[k].default]
         return f"{self.name}[{','.join(changed)}]" if changed else self.name
+
+    def warm_up(self, context: CompressionContext) -> None:
+        """Once-per-model work before compressing (calibration); nothing for most methods."""
+
+    def layer_budgets(self, context: CompressionContext) -> np.ndarray | None:
+        """(L,) integer tokens kept per layer for this prompt, or None when the method does not allocate per layer.
+        Raises BudgetError when the budget is impossible."""
+        return None
+
+    def budgets(self, context: CompressionContext) -> np.ndarray | None:
+        """`layer_budgets`, computed once per method and context and reused by the check, the report and timing."""
+        if self.spec not in context._budgets:
+            context._budgets[self.spec] = self.layer_budgets(context)
+        return context._budgets[self.spec]
 
     @abstractmethod
     def compress(self, cache, context: CompressionContext) -> CompressionReport:
@@ -151,7 +178,7 @@ class TokenBudgetMethod(CompressionMethod):
         return SELECTORS[self.params["select"]](window_scores, keys)
 
     def compress(self, cache, context: CompressionContext) -> CompressionReport:
-        budgets = self.layer_budgets(context)
+        budgets = self.budgets(context)
         held = kvcache.layer_lengths(cache)
         kept = {}
         for layer, budget in enumerate(budgets):
@@ -182,15 +209,23 @@ class CompositeMethod(CompressionMethod):
             if not earlier.leaves_dense:
                 raise InputError(f"{earlier.name} cannot be followed by another method: its cache is no longer dense")
         self.parts = ordered
+        self.prefill_needs = frozenset().union(*(part.prefill_needs for part in ordered))
+        self.lossless = all(part.lossless for part in ordered)
 
     @property
     def spec(self) -> str:
         return "+".join(m.spec for m in self.parts)
 
-    def layer_budgets(self, context: CompressionContext) -> np.ndarray | None:
+    def warm_up(self, context: CompressionContext) -> None:
         for part in self.parts:
-            if hasattr(part, "layer_budgets"):
-                return part.layer_budgets(context)
+            part.warm_up(context)
+
+    def layer_budgets(self, context: CompressionContext) -> np.ndarray | None:
+        """The first part's per-layer budgets that has any (the token stage comes first)."""
+        for part in self.parts:
+            budgets = part.budgets(context)
+            if budgets is not None:
+                return budgets
         return None
 
     def compress(self, cache, context: CompressionContext) -> CompressionReport:

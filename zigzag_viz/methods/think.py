@@ -121,6 +121,7 @@ class Think(CompressionMethod):
     compresses = "key channels per head"
     stage = "channels"
     leaves_dense = False
+    prefill_needs = frozenset({"query_energy"})
     parameters = {
         "keep": Parameter(float, 0.6, "fraction of head_dim key channels kept, in (0, 1]", low=0.0, high=1.0),
     }
@@ -132,6 +133,8 @@ class Think(CompressionMethod):
 
     def compress(self, cache, context) -> CompressionReport:
         analysis = context.analysis
+        if analysis.query_channel_energy is None:
+            raise InputError(f"{self.name} scores key channels by the window queries: prefill with needs={{'query_energy'}}")
         entries = [dense_entry(cache, layer, self.name) for layer in range(kvcache.layer_count(cache))]
         if any(entry.keys.shape[0] != 1 for entry in entries):
             raise InputError(f"{self.name}: the pruned-channel cache supports batch 1 only")

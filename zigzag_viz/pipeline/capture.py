@@ -27,6 +27,10 @@ LMBO_THRESHOLD = 0.99
 MAX_BINS = 512
 
 
+# Records a prefill keeps only for the methods that declare them (`CompressionMethod.prefill_needs`).
+PREFILL_RECORDS = {"query_energy": "Σ over window queries of q_c² per channel and query head (ThinK)"}
+
+
 class Cancelled(Exception):
     """Raised from a progress callback to stop a capture."""
 
@@ -40,7 +44,8 @@ class PromptAnalysis:
     hidden_change: (L, n) 1 − cos(residual in, residual out) of each decoder layer, per token.
     kv_group: (H_q,) index of the KV head each query head reads.
     layer_caps: (L,) most tokens a layer's cache holds after prefill (n, or sliding window − 1 when smaller).
-    query_channel_energy: (L, H_q, d) Σ over window queries of q_c² per channel (RoPE applied), for ThinK.
+    query_channel_energy: (L, H_q, d) Σ over window queries of q_c² per channel (RoPE applied); recorded only
+        when the prefill is asked for "query_energy" (ThinK declares it), else None.
     lmbo_cos: (L, G) deep mode only: cosine of the window output with only this layer compressed to
         each fraction of LMBO_GRID, against its full-cache output.
     """
@@ -53,7 +58,7 @@ class PromptAnalysis:
     hidden_change: np.ndarray
     kv_group: np.ndarray
     layer_caps: np.ndarray
-    query_channel_energy: np.ndarray
+    query_channel_energy: np.ndarray | None = None
     lmbo_cos: np.ndarray | None = None
 
     @property
@@ -197,9 +202,14 @@ class SignalRecorder:
     `seconds` is the wall time spent computing signals inside the prefill (progress callbacks excluded).
     """
 
-    def __init__(self, num_layers: int, window: int, deep: bool = False, progress: Callable[[int], None] | None = None):
+    def __init__(self, num_layers: int, window: int, deep: bool = False, progress: Callable[[int], None] | None = None,
+                 needs: frozenset[str] = frozenset()):
+        unknown = sorted(set(needs) - set(PREFILL_RECORDS))
+        if unknown:
+            raise ValueError(f"unknown prefill record {unknown[0]!r}: choose from {', '.join(PREFILL_RECORDS)}")
         self.window = window
         self.deep = deep
+        self.needs = frozenset(needs)
         self.progress = progress
         self.num_layers = num_layers
         self.entropy: list[np.ndarray | None] = [None] * num_layers
@@ -228,7 +238,8 @@ class SignalRecorder:
         self.entropy[layer] = entropy.mean(-1).cpu().numpy()
         self.entropy_norm[layer] = entropy_norm.mean(-1).cpu().numpy()
         self.rows[layer] = rows.cpu().numpy()
-        self.query_energy[layer] = query[0, :, n - w :, :].float().square().sum(1).cpu().numpy()
+        if "query_energy" in self.needs:
+            self.query_energy[layer] = query[0, :, n - w :, :].float().square().sum(1).cpu().numpy()
         # A sliding layer's cache holds the last sliding_window − 1 tokens (the next token makes it sliding_window).
         self.caps[layer] = n if sliding_window is None else min(n, sliding_window - 1)
         group = query.shape[1] // key.shape[1]
@@ -274,7 +285,7 @@ class SignalRecorder:
             hidden_change=np.stack(self.hidden),
             kv_group=self.kv_group,
             layer_caps=self.caps.copy(),
-            query_channel_energy=np.stack(self.query_energy),
+            query_channel_energy=np.stack(self.query_energy) if "query_energy" in self.needs else None,
             lmbo_cos=self.lmbo_cos,
         )
 
@@ -288,10 +299,12 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 @contextlib.contextmanager
-def recording(model: torch.nn.Module, window: int, deep: bool = False, progress: Callable[[int], None] | None = None):
-    """Within this block the next prefill of `model` is recorded; yields the SignalRecorder."""
+def recording(model: torch.nn.Module, window: int, deep: bool = False, progress: Callable[[int], None] | None = None,
+              needs: frozenset[str] = frozenset()):
+    """Within this block the next prefill of `model` is recorded (plus the extra `needs`, see PREFILL_RECORDS);
+    yields the SignalRecorder."""
     layers = decoder_layers(model)
-    recorder = SignalRecorder(len(layers), window, deep=deep, progress=progress)
+    recorder = SignalRecorder(len(layers), window, deep=deep, progress=progress, needs=needs)
     handles = []
     for index, layer in enumerate(layers):
 

@@ -76,18 +76,19 @@ def new_cache(loaded: LoadedModel):
 
 def prefill(
     loaded: LoadedModel, input_ids: torch.Tensor, window: int = 32, deep: bool = False,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None, needs: frozenset[str] = frozenset(),
 ) -> Prefill:
     """Prefill the prompt into a fresh cache, recording every layer's signals on the way.
 
-    `deep` adds LMBO; `progress(layer)` is called after each layer and may raise `capture.Cancelled`.
+    `deep` adds LMBO; `needs` adds records that methods declare (`capture.PREFILL_RECORDS`);
+    `progress(layer)` is called after each layer and may raise `capture.Cancelled`.
     """
     if window < 1:
         raise ValueError("window must be at least 1")
     with loaded.lock:
         cache = new_cache(loaded)
         started = time.perf_counter()
-        with recording(loaded.model, window, deep=deep, progress=progress) as recorder:
+        with recording(loaded.model, window, deep=deep, progress=progress, needs=needs) as recorder:
             logits = forward_tokens(loaded, cache, input_ids, 0, last_only=True)
         seconds = time.perf_counter() - started
     return Prefill(input_ids, cache, logits[-1], recorder.analysis(), seconds, recorder.seconds)
