@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from zigzag_viz.pipeline.capture import bin_edges, bins_of
-from zigzag_viz.evaluation.compare import compare
+from zigzag_viz.evaluation.runner import compare
 from zigzag_viz.errors import InputError
 from zigzag_viz.methods import METHODS, TokenBudgetMethod
 from zigzag_viz.evaluation.metrics import answer_token_positions, kept_token_map, rouge_l

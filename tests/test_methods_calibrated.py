@@ -11,7 +11,7 @@ import torch
 
 from zigzag_viz.pipeline import cache as kvcache
 from zigzag_viz.pipeline import runtime
-from zigzag_viz.evaluation.compare import compare
+from zigzag_viz.evaluation.runner import compare
 from zigzag_viz.errors import InputError
 from zigzag_viz.methods import CompressionContext, parse_spec
 from zigzag_viz.methods import baklava as baklava_module

@@ -6,7 +6,7 @@ import torch
 
 from zigzag_viz.pipeline import cache as kvcache
 from zigzag_viz.pipeline import runtime
-from zigzag_viz.evaluation.compare import compare
+from zigzag_viz.evaluation.runner import compare
 from zigzag_viz.methods import CompressionContext, parse_spec
 from zigzag_viz.methods import less as less_module
 from zigzag_viz.methods.less import Less, LessLayer, calibration_text, combined_attention, features
@@ -120,11 +120,12 @@ def test_less_on_smollm2_in_both_modes(smollm2):
         assert less.kept_map.sum(axis=1).tolist() == pytest.approx(less.layer_budgets)
 
 
-def test_training_reports_progress_through_evaluate(tiny):
-    from zigzag_viz.evaluation.compare import evaluate, prepare
+def test_training_reports_progress_through_the_runner(tiny):
+    from zigzag_viz.evaluation.runner import Runner
 
-    reference = prepare(tiny, passkey_prompt(n_sentences=12, seed=2).text, max_new_tokens=3, window=16)
     messages = []
-    row = evaluate(tiny, reference, parse_spec("less"), 0.3, progress=lambda f, m: messages.append((f, m)))
+    runner = Runner(tiny, progress=lambda f, m: messages.append((f, m)))
+    request = runner.request(passkey_prompt(n_sentences=12, seed=2).text, "less", 0.3, max_new_tokens=3, window=16)
+    (row,) = runner.rows(request)
     assert any("training the kernels of layer 4/4" in m for _, m in messages)
-    assert messages[-1][0] == 1.0 and row.kv_fraction < 0.35
+    assert messages[-1] == (1.0, "done") and row.kv_fraction < 0.35

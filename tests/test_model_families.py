@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from zigzag_viz.evaluation.compare import compare
+from zigzag_viz.evaluation.runner import compare
 from zigzag_viz.pipeline.models import _load_smollm2_tokenizer, wrap_model
 from zigzag_viz.evaluation.prompts import passkey_prompt
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from zigzag_viz.pipeline import runtime
 from zigzag_viz.presentation import ui
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,7 +116,7 @@ def test_budgets_page_sliders_recompute_without_the_model(monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("a slider touched the model")
 
-    monkeypatch.setattr(ui.runtime, "prefill", no_model)
+    monkeypatch.setattr(runtime, "prefill", no_model)
     monkeypatch.setattr(ui, "load_model", no_model)
 
     _slider(at, "Kept fraction").set_value(0.5).run()
@@ -187,14 +188,14 @@ def test_compare_page_reports_a_bad_spec_without_running():
 
 
 def test_compare_page_widgets_context_mode_figures_and_exports(monkeypatch):
-    import zigzag_viz.presentation.ui as ui_module
+    import zigzag_viz.evaluation.runner as runner_module
 
     prefills, rows = [], []
-    real_prepare, real_evaluate = ui_module.prepare, ui_module.evaluate
-    monkeypatch.setattr(ui_module, "prepare", lambda *a: prefills.append(a[4]) or real_prepare(*a))
-    monkeypatch.setattr(ui_module, "evaluate", lambda *a, **k: rows.append((a[2].spec, a[3])) or real_evaluate(*a, **k))
-    ui.cached_reference.clear()
-    ui.cached_row.clear()
+    real_prefill, real_row = runner_module.prefill_reference, runner_module.method_row
+    monkeypatch.setattr(runner_module, "prefill_reference", lambda *a, **k: prefills.append(a[4]) or real_prefill(*a, **k))
+    monkeypatch.setattr(runner_module, "method_row",
+                        lambda *a, **k: rows.append((a[2].spec, a[3].budget)) or real_row(*a, **k))
+    ui.server_cache().clear()
     at = _open(COMPARE)
     at.selectbox(key="prompt_source").set_value("question over a bundled article").run()
     assert "Kestrel Bay" in at.text_area(key="prompt_question over a bundled article").value

@@ -2,7 +2,7 @@
 
 import pytest
 
-from zigzag_viz.evaluation.compare import compare
+from zigzag_viz.evaluation.runner import compare
 from zigzag_viz.evaluation.prompts import passkey_prompt
 
 pytestmark = pytest.mark.slow

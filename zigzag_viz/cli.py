@@ -111,17 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_analyze(args) -> dict:
-    from .pipeline import runtime
+    from .evaluation.runner import Runner
     from .pipeline.budgets import budget_curves
     from .pipeline.capture import LMBO_GRID, bin_columns, bin_edges, bin_texts
     from .pipeline.models import load_model
 
     text = read_prompt(args.prompt_file)
-    loaded = load_model(args.model)
     if args.signal == "lmbo" and not args.deep:
         raise InputError("--signal lmbo needs --deep")
-    ids = loaded.encode(text)
-    pre = runtime.prefill(loaded, ids, args.window, deep=args.deep)
+    loaded = load_model(args.model)
+    pre = Runner(loaded).analyze(text, args.window, deep=args.deep)
+    ids = pre.input_ids
     a = pre.analysis
     signals = {name: a.layer_signal(name, tau=args.tau) for name in ("entropy", "lmba", "hidden")}
     if args.deep:
@@ -164,15 +164,16 @@ def run_analyze(args) -> dict:
 
 
 def run_compare(args) -> list[dict]:
-    from .evaluation.compare import compare
+    from .evaluation.runner import Runner
     from .methods import parse_specs
     from .pipeline.models import load_model
 
     methods = parse_specs(args.methods)
     text = read_prompt(args.prompt_file)
-    loaded = load_model(args.model)
-    result = compare(loaded, text, methods, args.budget, args.max_new_tokens, args.window, answer=args.answer,
-                     mode=args.mode, question=args.question)
+    runner = Runner(load_model(args.model))
+    request = runner.request(text, methods, args.budget, args.mode, args.question, args.window, args.max_new_tokens,
+                             args.answer)
+    result = runner.compare(request)
     if args.export:
         try:
             Path(args.export).write_text(json.dumps(result.to_json()), encoding="utf-8")

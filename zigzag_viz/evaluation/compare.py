@@ -1,4 +1,5 @@
-"""Stage 5, generate and compare: one prefill shared by every method, greedy decoding, metrics against full KV.
+"""Stage 5, generate and compare: the full-KV reference of a prompt (one prefill, its greedy answer), one
+method's row on a copy of that prefilled cache, and the records they make. The runner (`runner.py`) drives them.
 
 Two settings (METHOD §6): `aware` compresses after the whole prompt, question included (SnapKV's setting);
 `context` compresses the context alone and then feeds the question through the compressed cache (kvpress's).
@@ -8,25 +9,21 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from ..pipeline import cache as kvcache
 from ..pipeline import runtime
-from ..pipeline.budgets import average_budget
-from ..pipeline.capture import MAX_BINS, PREFILL_RECORDS, PromptAnalysis, bin_columns, bin_edges, bin_texts
-from ..methods import CompressionContext, CompressionMethod, parse_specs
+from ..pipeline.capture import MAX_BINS, PromptAnalysis, bin_columns, bin_edges, bin_texts
+from ..methods import CompressionContext, CompressionMethod
 from .metrics import (
     answer_token_positions, first_divergence, kept_token_map, kl_per_step, kv_fraction, rouge_l, task_score,
     token_agreement, top1_per_step,
 )
-from ..errors import InputError
 from ..pipeline.models import LoadedModel
-from .prompts import split_question
 
-Progress = Callable[[float, str], None]
 MODES = ("aware", "context")
 
 
@@ -40,6 +37,7 @@ class MethodResult:
 
     method: str
     mode: str
+    budget: float
     text: str
     token_ids: list[int]
     kv_bytes: int
@@ -74,6 +72,7 @@ class MethodResult:
         return {
             "method": self.method,
             "mode": self.mode,
+            "budget": self.budget,
             "text": self.text,
             "token_ids": self.token_ids,
             "kv_bytes": self.kv_bytes,
@@ -215,20 +214,6 @@ def teacher_forced_logits(
     return torch.cat([first, rest]).numpy()
 
 
-def _report(progress: Progress | None, fraction: float, message: str) -> None:
-    if progress is not None:
-        progress(fraction, message)
-
-
-def _timed_budgets(method: CompressionMethod, context: CompressionContext) -> float:
-    """Seconds the method's budget rule takes (0 for methods without one); raises on an impossible budget."""
-    if not hasattr(method, "layer_budgets"):
-        return 0.0
-    started = time.perf_counter()
-    method.layer_budgets(context)
-    return time.perf_counter() - started
-
-
 @dataclass
 class Reference:
     """A prompt prefilled once and answered greedily with full KV: what every method is measured against.
@@ -257,64 +242,49 @@ class Reference:
     def n_context(self) -> int:
         return self.pre.n_tokens
 
+    @property
+    def run(self) -> CompressedRun:
+        """Full KV's own run: what a lossless method's row is made of."""
+        return CompressedRun(self.tokens, self.full_bytes, self.full_lengths, {}, 0.0, self.question_s,
+                             self.decode_s, self.logits)
 
-def prepare(
-    loaded: LoadedModel, prompt: str, max_new_tokens: int = 32, window: int = 32, mode: str = "aware",
-    question: str | None = None,
+
+def prefill_reference(
+    loaded: LoadedModel, input_ids: torch.Tensor, split: int, question: str | None, mode: str, window: int,
+    max_new_tokens: int, needs: frozenset[str] = frozenset(), progress=None,
 ) -> Reference:
-    """Prefill the prompt once (recording signals) and decode the full-KV answer.
-
-    With `question` given the model reads the prompt, a blank line and the question; in context mode without
-    one, the question is the prompt's last paragraph, and only the tokens before it are prefilled here.
-    """
-    if mode not in MODES:
-        raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if not 1 <= int(max_new_tokens) <= 4096:
-        raise InputError("max_new_tokens must lie in [1, 4096]")
-    text, asked = prompt, None
-    if mode == "context" or (question and question.strip()):
-        _, asked, text = split_question(prompt, question)
-    input_ids = loaded.encode(text)
-    n = input_ids.shape[1]
-    split = loaded.question_start(text, asked, input_ids) if mode == "context" else n
-    if split < 1:
-        raise InputError("context mode needs some context before the question")
-    question_ids = input_ids[:, split:] if mode == "context" else None
-    pre = runtime.prefill(loaded, input_ids[:, :split], window, needs=frozenset(PREFILL_RECORDS))
+    """Prefill `input_ids[:, :split]` once (recording signals and the `needs` methods declared), feed the rest
+    (the question, in context mode) and decode the full-KV answer; `progress(layer)` hears from the prefill."""
+    question_ids = input_ids[:, split:] if split < input_ids.shape[1] else None
+    pre = runtime.prefill(loaded, input_ids[:, :split], window, progress=progress, needs=needs)
     cache = kvcache.clone(pre.cache)
     next_logits, position, question_s = feed_question(loaded, cache, pre, question_ids)
     started = time.perf_counter()
     tokens, logits = runtime.greedy_decode(loaded, cache, next_logits, position, int(max_new_tokens))
     decode_s = time.perf_counter() - started
     return Reference(
-        loaded.name, mode, int(max_new_tokens), asked, question_ids, n, loaded.token_texts(input_ids[0].tolist()),
-        pre, kvcache.kv_bytes(pre.cache), kvcache.layer_lengths(pre.cache), tokens,
-        torch.stack(logits).float().cpu().numpy(), loaded.decode(tokens), question_s, decode_s,
+        loaded.name, mode, int(max_new_tokens), question, question_ids, int(input_ids.shape[1]),
+        loaded.token_texts(input_ids[0].tolist()), pre, kvcache.kv_bytes(pre.cache), kvcache.layer_lengths(pre.cache),
+        tokens, torch.stack(logits).float().cpu().numpy(), loaded.decode(tokens), question_s, decode_s,
     )
 
 
-def evaluate(
-    loaded: LoadedModel, reference: Reference, method: CompressionMethod, budget: float, answer: str | None = None,
-    progress: Progress | None = None,
+def method_row(
+    loaded: LoadedModel, reference: Reference, method: CompressionMethod, context: CompressionContext,
+    analysis_s: float, answer: str | None = None,
 ) -> MethodResult:
-    """One method on a copy of the reference's prefilled cache, measured against its full-KV answer.
-    `progress(fraction, message)` hears from methods that calibrate on the model first."""
-    pre = reference.pre
-    forward_s = pre.seconds - pre.analysis_s
-    if method.name == "full":
-        run = CompressedRun(reference.tokens, reference.full_bytes, reference.full_lengths, {}, 0.0,
-                            reference.question_s, reference.decode_s, reference.logits)
-        analysis_s = 0.0
+    """One method on a copy of the reference's prefilled cache (its layer budgets already computed in `context`),
+    measured against the full-KV answer; a lossless method's row is the reference's own run."""
+    if method.lossless:
+        run = reference.run
     else:
-        average_budget(budget, reference.n_context)
-        context = CompressionContext(pre.analysis, budget, loaded=loaded, progress=progress)
-        analysis_s = pre.analysis_s + _timed_budgets(method, context)
-        run = run_method(loaded, pre, method, context, reference.max_new_tokens, reference=reference.tokens,
-                         question_ids=reference.question_ids)
+        run = run_method(loaded, reference.pre, method, context, reference.max_new_tokens,
+                         reference=reference.tokens, question_ids=reference.question_ids)
     text = loaded.decode(run.tokens)
     return MethodResult(
         method=method.spec,
         mode=reference.mode,
+        budget=float(context.budget),
         text=text,
         token_ids=run.tokens,
         kv_bytes=run.kv_bytes,
@@ -324,8 +294,8 @@ def evaluate(
         rouge_l=rouge_l(reference.text, text),
         layer_budgets=[int(b) for b in run.layer_budgets],
         task_score=task_score(text, answer),
-        prefill_s=forward_s + run.question_s,
-        analysis_s=analysis_s,
+        prefill_s=reference.pre.seconds - reference.pre.analysis_s + run.question_s,
+        analysis_s=0.0 if method.lossless else analysis_s,
         compress_s=run.compress_s,
         decode_s=run.decode_s,
         kl_curve=kl_per_step(reference.logits, run.forced_logits).tolist(),
@@ -336,52 +306,10 @@ def evaluate(
 
 
 def assemble(reference: Reference, budget: float, answer: str | None, results: list[MethodResult]) -> Comparison:
-    """A Comparison of the reference's prompt from rows computed by `evaluate`."""
+    """A Comparison of the reference's prompt from its rows."""
     pre = reference.pre
     return Comparison(
         reference.model, reference.mode, reference.n_tokens, reference.n_context, reference.question, budget,
         pre.analysis.window, reference.full_bytes, pre.analysis, reference.prompt_tokens, answer=answer,
         results=list(results),
     )
-
-
-def check_budget(
-    loaded: LoadedModel, reference: Reference, methods: Sequence[CompressionMethod], budget: float
-) -> None:
-    """Raise a BudgetError before any compressed decoding when `budget` is impossible for the prompt or a method."""
-    average_budget(budget, reference.n_context)
-    context = CompressionContext(reference.pre.analysis, budget, loaded=loaded)
-    for method in methods:
-        if hasattr(method, "layer_budgets"):
-            method.layer_budgets(context)
-
-
-def compare(
-    loaded: LoadedModel,
-    prompt: str,
-    methods: str | Sequence[CompressionMethod],
-    budget: float = 0.2,
-    max_new_tokens: int = 32,
-    window: int = 32,
-    answer: str | None = None,
-    progress: Progress | None = None,
-    mode: str = "aware",
-    question: str | None = None,
-) -> Comparison:
-    """Full KV once (`prepare`), then each method on a copy of the same prefilled cache (`evaluate`).
-
-    Seconds per row: `prefill_s` is the forward pass (and, in context mode, feeding the question through that
-    method's cache), `analysis_s` the signal capture and the method's budget rule (0 for full KV),
-    `compress_s` eviction, `decode_s` greedy decoding.
-    """
-    if isinstance(methods, str):
-        methods = parse_specs(methods)
-    _report(progress, 0.0, "prefill and the full-KV answer")
-    reference = prepare(loaded, prompt, max_new_tokens, window, mode, question)
-    check_budget(loaded, reference, methods, budget)
-    results = []
-    for index, method in enumerate(methods):
-        _report(progress, (index + 1) / (len(methods) + 1), f"{method.spec}: compress and decode")
-        results.append(evaluate(loaded, reference, method, budget, answer))
-    _report(progress, 1.0, "done")
-    return assemble(reference, budget, answer, results)

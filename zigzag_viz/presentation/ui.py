@@ -10,9 +10,9 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from ..pipeline import runtime
 from ..pipeline.capture import PromptAnalysis
-from ..evaluation.compare import Comparison, MethodResult, Reference, assemble, check_budget, evaluate, prepare
+from ..evaluation.compare import Comparison, MethodResult, Reference
+from ..evaluation.runner import LruCache, Runner
 from ..errors import UserError
 from ..methods import METHODS, CompressionMethod, Parameter, parse_specs
 from ..pipeline.models import EMBEDDED_MODELS, LoadedModel, load_model
@@ -159,14 +159,10 @@ def cached_analysis(model_name: str, prompt: str, window: int, deep: bool = Fals
     nothing visible; a failure raises (nothing is cached) and the caller shows the message.
     """
     loaded = cached_model(model_name)
-    ids = loaded.encode(prompt)
-    what = "attention, hidden states and LMBO" if deep else "attention and hidden states"
-    bar = st.progress(0.0, text=f"prefill of {ids.shape[1]} tokens, recording {what}")
-
-    def progress(layer: int) -> None:
-        bar.progress((layer + 1) / loaded.num_layers, text=f"layer {layer + 1} of {loaded.num_layers}")
-
-    pre = runtime.prefill(loaded, ids, int(window), deep=bool(deep), progress=progress)
+    bar = st.progress(0.0, text="prefill")
+    pre = Runner(loaded, progress=lambda fraction, message: bar.progress(fraction, text=message)).analyze(
+        prompt, int(window), deep=bool(deep))
+    ids = pre.input_ids
     bar.empty()
     return AnalysisResult(
         model=model_name,
@@ -211,48 +207,38 @@ class ComparisonResult:
     device: str
 
 
-@st.cache_resource(max_entries=4, show_spinner=False)
-def cached_reference(model_name: str, prompt: str, window: int, max_new_tokens: int, mode: str,
-                     question: str | None) -> Reference:
-    """The prefilled prompt and its full-KV answer, once per (model, prompt, window, max tokens, mode, question)
-    for the whole server: shared, never modified (methods work on copies of its cache)."""
-    return prepare(cached_model(model_name), prompt, max_new_tokens, window, mode, question)
-
-
-@st.cache_data(max_entries=256, show_spinner=False)
-def cached_row(model_name: str, prompt: str, window: int, max_new_tokens: int, mode: str, question: str | None,
-               spec: str, budget: float, answer: str | None, _progress=None) -> MethodResult:
-    """One method's row against the cached reference, once per (reference, spec, budget, answer); `_progress`
-    (not part of the key) hears from methods that calibrate first."""
-    reference = cached_reference(model_name, prompt, window, max_new_tokens, mode, question)
-    return evaluate(cached_model(model_name), reference, parse_specs(spec)[0], budget, answer, progress=_progress)
+@st.cache_resource(show_spinner=False)
+def server_cache() -> LruCache:
+    """Prefilled prompts and rows for every session of this server: a rerun with the same settings is free, a
+    new budget reruns only the methods, a new method runs alone. References are shared and never modified
+    (methods work on copies of their caches)."""
+    return LruCache(references=4, rows=256)
 
 
 def run_comparison(
     model_name: str, prompt: str, specs: tuple[str, ...], budget: float, window: int, max_new_tokens: int,
     mode: str, question: str | None, answer: str | None,
 ) -> ComparisonResult:
-    """Full KV and every spec on one prompt, with a progress bar; the prefill and each row come from the
-    server's caches when this model, prompt, mode and settings were run before (only new methods run)."""
+    """Full KV and every spec on one prompt through the runner, with a progress bar and each finished row listed
+    as it lands; the prefill and each row come from the server's caches when they were made before."""
     loaded = cached_model(model_name)
-    bar = st.progress(0.0, text="prefill and the full-KV answer")
-    settings = (model_name, prompt, window, max_new_tokens, mode, question)
+    bar = st.progress(0.0, text="checking the settings")
+    landed = st.empty()
+    runner = Runner(loaded, progress=lambda fraction, message: bar.progress(fraction, text=message), cache=server_cache())
     try:
-        reference = cached_reference(*settings)
-        check_budget(loaded, reference, [parse_specs(spec)[0] for spec in specs], budget)
-        rows = []
-        for index, spec in enumerate(specs):
-            step = (index + 1) / (len(specs) + 1)
-            bar.progress(step, text=f"{spec}: compress and decode")
+        request = runner.request(prompt, list(specs), budget, mode, question, window, max_new_tokens, answer)
+        rows: list[MethodResult] = []
 
-            def calibrating(fraction: float, message: str, step: float = step) -> None:
-                bar.progress(step, text=f"{message} ({fraction:.0%}; once per model)")
+        def on_row(row: MethodResult) -> None:
+            rows.append(row)
+            landed.caption("Ready: " + " · ".join(f"{r.method} “{r.text[:40]}”" for r in rows))
 
-            rows.append(cached_row(*settings, spec, budget, answer, _progress=calibrating))
+        comparison = runner.compare(request, on_row)
     finally:
         bar.empty()
-    tokens = {r.method: loaded.token_texts(r.token_ids) for r in rows}
-    return ComparisonResult(assemble(reference, budget, answer, rows), tokens, str(loaded.device))
+        landed.empty()
+    tokens = {r.method: loaded.token_texts(r.token_ids) for r in comparison.results}
+    return ComparisonResult(comparison, tokens, str(loaded.device))
 
 
 def default_comparison_models() -> list[str]:
