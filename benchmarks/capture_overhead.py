@@ -29,6 +29,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch
 
 from zigzag_viz.pipeline import attention, runtime
+from zigzag_viz.evaluation.runner import Runner
 from zigzag_viz.pipeline.models import load_model
 from zigzag_viz.evaluation.prompts import passkey_prompt
 
@@ -75,7 +76,7 @@ def plain_prefill(loaded, ids) -> None:
 
 
 def analysis_prefill(loaded, ids, window) -> None:
-    runtime.prefill(loaded, ids, window)
+    Runner(loaded).analyze(ids, window)
 
 
 def _timed(loaded, run, implementation: str) -> tuple[float, float]:

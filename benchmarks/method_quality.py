@@ -25,13 +25,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np
 
-from zigzag_viz.pipeline import cache as kvcache
-from zigzag_viz.pipeline import runtime
-from zigzag_viz.evaluation.compare import feed_question, run_method
 from zigzag_viz.errors import UserError
-from zigzag_viz.methods import METHODS, CompositeMethod, CompressionContext, TokenBudgetMethod, parse_spec
+from zigzag_viz.evaluation.prompts import passkey_prompt
+from zigzag_viz.evaluation.runner import Runner
+from zigzag_viz.methods import METHODS, parse_spec
 from zigzag_viz.pipeline.models import load_model
-from zigzag_viz.evaluation.prompts import passkey_prompt, split_question
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FRACTIONS = (0.1, 0.2, 0.35, 0.5, 0.7)
@@ -46,12 +44,6 @@ SETTINGS = {
     "aware": "question inside the compressed context",
     "context": "context compressed alone, question fed through the compressed cache",
 }
-
-
-def uses_budget(method) -> bool:
-    """Whether the kept fraction changes what a method does (token budgets); others run once per prompt."""
-    parts = method.parts if isinstance(method, CompositeMethod) else [method]
-    return any(isinstance(part, TokenBudgetMethod) for part in parts)
 
 
 def prompts(count: int, seed: int):
@@ -111,35 +103,31 @@ def main(argv=None) -> int:
     skipped = {f"{name}: not registered" for name in missing}
     full_correct, lengths = 0, []
     started = time.perf_counter()
+    runner = Runner(loaded)
     for index, item in enumerate(items):
-        ids = loaded.encode(item.text)
-        split = ids.shape[1]
-        if args.mode == "context":
-            split = loaded.question_start(item.text, split_question(item.text)[1], ids)
-        question_ids = ids[:, split:] if args.mode == "context" else None
-        pre = runtime.prefill(loaded, ids[:, :split], args.window)
-        lengths.append(ids.shape[1])
-        full_bytes = kvcache.kv_bytes(pre.cache)
-        full_cache = kvcache.clone(pre.cache)
-        next_logits, position, _ = feed_question(loaded, full_cache, pre, question_ids)
-        tokens, _ = runtime.greedy_decode(loaded, full_cache, next_logits, position, args.max_new_tokens)
-        full_ok = item.answer in loaded.decode(tokens)
+        request = runner.request(item.text, [parse_spec(spec) for spec in specs], list(args.fractions), args.mode,
+                                 window=args.window, max_new_tokens=args.max_new_tokens, answer=item.answer)
+        reference = runner.reference(request)
+        lengths.append(reference.n_tokens)
+        full_ok = item.answer in reference.text
         full_correct += full_ok
-        for spec in specs:
-            method = parse_spec(spec)
-            run = None
+        for spec, method in zip(specs, request.methods):
+            once = None  # the row of a method without per-layer budgets serves every fraction
             for fraction in args.fractions:
-                context = CompressionContext(pre.analysis, fraction, loaded=loaded)
-                if run is None or uses_budget(method):
+                if once is None:
                     try:
-                        run = run_method(loaded, pre, method, context, args.max_new_tokens, question_ids=question_ids)
+                        prepared = runner.prepare_row(request, reference, method, fraction)
+                        row = runner.row(request, reference, method, fraction, prepared)
                     except UserError as exc:
                         skipped.add(f"{spec} at {fraction:g}: {exc}")
-                        run = None
                         continue
-                correct[spec, fraction] += item.answer in loaded.decode(run.tokens)
-                fraction_held[spec, fraction].append(run.kv_bytes / full_bytes)
-        print(f"prompt {index + 1}/{len(items)}: {ids.shape[1]} tokens, full KV {'right' if full_ok else 'wrong'}, "
+                    if method.budgets(prepared[0]) is None:
+                        once = row
+                else:
+                    row = once
+                correct[spec, fraction] += bool(row.task_score)
+                fraction_held[spec, fraction].append(row.kv_fraction)
+        print(f"prompt {index + 1}/{len(items)}: {reference.n_tokens} tokens, full KV {'right' if full_ok else 'wrong'}, "
               f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
 
     full_accuracy = full_correct / len(items)

@@ -164,11 +164,12 @@ class Runner:
         if self.progress is not None:
             self.progress(min(max(float(fraction), 0.0), 1.0), message)
 
-    def analyze(self, prompt: str, window: int = 32, deep: bool = False) -> runtime.Prefill:
-        """Prefill `prompt` once recording its layer signals (with LMBO when `deep`), reporting each layer."""
+    def analyze(self, prompt: str | torch.Tensor, window: int = 32, deep: bool = False) -> runtime.Prefill:
+        """Prefill `prompt` (text, or token ids (1, n) already encoded) once recording its layer signals (with
+        LMBO when `deep`), reporting each layer."""
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise InputError(f"window must be a whole number of tokens ≥ 1, got {window!r}")
-        input_ids = self.loaded.encode(prompt)
+        input_ids = prompt if isinstance(prompt, torch.Tensor) else self.loaded.encode(prompt)
         layers = self.loaded.num_layers
         what = "attention, hidden states and LMBO" if deep else "attention and hidden states"
         self.report(0.0, f"prefill of {input_ids.shape[1]} tokens, recording {what}")
