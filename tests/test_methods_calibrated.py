@@ -4,6 +4,7 @@ Calibrated methods use a small calibration set here (2 short prompts) and a fres
 """
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -14,8 +15,7 @@ from zigzag_viz.pipeline import runtime
 from zigzag_viz.evaluation.runner import compare
 from zigzag_viz.errors import InputError
 from zigzag_viz.methods import CompressionContext, parse_spec
-from zigzag_viz.methods import baklava as baklava_module
-from zigzag_viz.methods import kvsharer as kvsharer_module
+from zigzag_viz.methods import calibration
 from zigzag_viz.methods.baklava import BaKlaVa, head_budgets
 from zigzag_viz.methods.calibration import CalibrationSet, calibration_path
 from zigzag_viz.methods.kvsharer import KVSharer, SharedLayer
@@ -27,10 +27,17 @@ SMALL = CalibrationSet(prompts=2, sentences=8)
 
 @pytest.fixture(autouse=True)
 def fresh_calibration(tmp_path, monkeypatch):
-    """Calibration files go to a temporary folder; calibration runs on two short prompts."""
+    """Calibration files go to a temporary folder; calibration runs on two short prompts; computations are
+    counted from zero."""
     monkeypatch.setenv("ZIGZAG_VIZ_CACHE", str(tmp_path))
     monkeypatch.setattr(KVSharer, "calibration_set", SMALL)
     monkeypatch.setattr(BaKlaVa, "calibration_set", SMALL)
+    monkeypatch.setattr(calibration, "computations", Counter())
+
+
+def _another_process():
+    """Forget the calibrations held in memory, as a new process would start."""
+    calibration.memo.clear()
 
 
 @pytest.fixture(scope="module")
@@ -73,37 +80,41 @@ def test_kvsharer_shared_layers_hold_nothing(tiny, prefilled):
         assert entry.held_tokens() == prefilled.n_tokens + 2
 
 
-def test_kvsharer_calibration_is_saved_and_reused(tiny, prefilled, monkeypatch):
-    monkeypatch.setattr(kvsharer_module, "calibrations_computed", 0)
+def test_kvsharer_calibration_is_saved_and_reused(tiny, prefilled, tmp_path):
     messages = []
     method = parse_spec("kvsharer")
     plan = method.calibrate(tiny, progress=lambda fraction, message: messages.append((fraction, message)))
     path = calibration_path(tiny, "kvsharer")
-    assert path.exists() and path.parent.name == "tiny" and path.parent.parent.name == "calibration"
+    assert path == tmp_path / "calibration" / "tiny" / "kvsharer.json"
     stored = json.loads(path.read_text())
-    assert stored["model"] == "tiny" and method.calibration_key(tiny) in stored["entries"]
+    assert stored["model"] == "tiny" and stored["entries"] == {method.calibration_key(tiny): plan}
     assert plan["wanted"] == 1 and len(plan["pairs"]) <= 1 and plan["seconds"] > 0
-    assert messages and messages[-1][0] == 1.0 and all(0 <= f <= 1 for f, _ in messages)
+    fractions = [f for f, _ in messages]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert messages[0][1] == "kvsharer: calibration prompt 1/2" and "layers share" in messages[-1][1]
     mtime = path.stat().st_mtime_ns
-    again = parse_spec("kvsharer").calibrate(tiny)
-    assert again == plan
-    assert kvsharer_module.calibrations_computed == 1 and path.stat().st_mtime_ns == mtime
+    assert parse_spec("kvsharer").calibrate(tiny) is plan  # the same process: from memory
+    _another_process()
+    heard = []
+    assert parse_spec("kvsharer").calibrate(tiny, lambda f, m: heard.append((f, m))) == plan  # read from disk
+    assert heard == [(1.0, f"kvsharer: calibration read from {path.parent}")]
+    assert calibration.computations["kvsharer"] == 1 and path.stat().st_mtime_ns == mtime
     _compress(tiny, prefilled, "kvsharer")  # compress reuses it too
-    assert kvsharer_module.calibrations_computed == 1
+    assert calibration.computations["kvsharer"] == 1
     parse_spec("kvsharer[threshold=0.5]").calibrate(tiny)  # another parameter: another entry, same file
-    assert kvsharer_module.calibrations_computed == 2
+    assert calibration.computations["kvsharer"] == 2
     assert len(json.loads(path.read_text())["entries"]) == 2
 
 
-def test_kvsharer_smaller_share_reuses_the_start_of_a_larger_plan(tiny, monkeypatch):
-    monkeypatch.setattr(kvsharer_module, "calibrations_computed", 0)
+def test_kvsharer_smaller_share_reuses_the_start_of_a_larger_plan(tiny):
     larger = parse_spec("kvsharer[share=0.5,threshold=-1]").calibrate(tiny)
     smaller = parse_spec("kvsharer[share=0.25,threshold=-1]").calibrate(tiny)
-    assert kvsharer_module.calibrations_computed == 1
+    assert calibration.computations["kvsharer"] == 1
     first = min(larger["pairs"], key=lambda p: p["order"])
-    assert smaller["pairs"] == [first] and smaller["wanted"] == 1
+    assert smaller["pairs"] == [first] and smaller["wanted"] == 1 and smaller["derived_from_share"] == 0.5
     parse_spec("kvsharer[share=0.75,threshold=-1]").calibrate(tiny)  # a larger share needs its own search
-    assert kvsharer_module.calibrations_computed == 2
+    assert calibration.computations["kvsharer"] == 2
+    assert len(json.loads(calibration_path(tiny, "kvsharer").read_text())["entries"]) == 2  # derived: not stored
 
 
 def test_kvsharer_needs_the_model_in_the_context(prefilled):
@@ -210,15 +221,16 @@ def test_baklava_with_an_even_split_selects_like_uniform_snapkv(tiny, prefilled)
     assert kvcache.kv_bytes(even) == kvcache.kv_bytes(uniform)
 
 
-def test_baklava_profile_is_saved_and_reused(tiny, prefilled, monkeypatch):
-    monkeypatch.setattr(baklava_module, "calibrations_computed", 0)
+def test_baklava_profile_is_saved_and_reused(tiny, prefilled):
     first = parse_spec("baklava").calibrate(tiny)
     path = calibration_path(tiny, "baklava")
     mtime = path.stat().st_mtime_ns
     importance = np.asarray(first["importance"])
     assert importance.shape == (4, 2) and np.all((importance > 0) & (importance <= 1))
+    _another_process()
     _compress(tiny, prefilled, "baklava[floor=0.5]")  # floor does not change the profile
-    assert baklava_module.calibrations_computed == 1 and path.stat().st_mtime_ns == mtime
+    assert calibration.computations["baklava"] == 1 and path.stat().st_mtime_ns == mtime
+    assert parse_spec("baklava").calibrate(tiny) == first
 
 
 # ------------------------------------------------------------------ all three
@@ -234,11 +246,19 @@ def test_keep_everything_decodes_like_full(tiny, prefilled, spec, budget):
 def test_generation_through_compare_on_tiny(tiny):
     prompt = passkey_prompt(n_sentences=12, seed=5)
     sharer = "kvsharer[threshold=0.5]"  # the random tiny model cannot pass the default 0.95 check
+    messages = []
     result = compare(tiny, prompt.text, f"full,{sharer},minicache,baklava,uniform+{sharer}", budget=0.3,
-                     max_new_tokens=8, window=16)
+                     max_new_tokens=8, window=16, progress=lambda f, m: messages.append(m))
     rows = {r.method: r for r in result.results}
     for name in (sharer, "minicache", "baklava", f"uniform+{sharer}"):
-        assert 0 < rows[name].kv_fraction < 1 and len(rows[name].token_ids) >= 1
+        # the first token comes from the prefill, before any compression; the random model never stops early
+        assert 0 < rows[name].kv_fraction < 1 and len(rows[name].token_ids) == 8
+        assert rows[name].token_ids[0] == rows["full"].token_ids[0]
+    # both calibrations run once, reported before the first row is decoded (baklava's included)
+    first_row = next(i for i, m in enumerate(messages) if m.endswith("compress and decode"))
+    assert any(m.startswith("kvsharer: calibration prompt 1/2") for m in messages[:first_row])
+    assert any(m.startswith("baklava: profiling prompt 1/2") for m in messages[:first_row])
+    assert calibration.computations == {"kvsharer": 1, "baklava": 1}
     assert rows["baklava"].kv_fraction == pytest.approx(0.3, abs=0.01)
     assert rows[sharer].kv_fraction == pytest.approx(0.75)  # one of four layers shares
     assert rows[f"uniform+{sharer}"].kv_fraction == pytest.approx(0.3 * 0.75, abs=0.01)

@@ -1,5 +1,8 @@
 """LESS: eviction plus a learned constant-size state of the evicted tokens (kernels trained on the model)."""
 
+import json
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -7,18 +10,21 @@ import torch
 from zigzag_viz.pipeline import cache as kvcache
 from zigzag_viz.pipeline import runtime
 from zigzag_viz.evaluation.runner import compare
-from zigzag_viz.methods import CompressionContext, parse_spec
+from zigzag_viz.methods import CompressionContext, calibration, parse_spec
 from zigzag_viz.methods import less as less_module
+from zigzag_viz.methods.calibration import calibration_path, key_file
 from zigzag_viz.methods.less import Less, LessLayer, calibration_text, combined_attention, features
 from zigzag_viz.evaluation.prompts import passkey_prompt
 
 
 @pytest.fixture(autouse=True)
 def fresh_calibration(tmp_path, monkeypatch):
-    """Kernels go to a temporary folder and train on four short prompts (three for training, one held out)."""
+    """Kernels go to a temporary folder and train on four short prompts (three for training, one held out);
+    trainings are counted from zero."""
     monkeypatch.setenv("ZIGZAG_VIZ_CACHE", str(tmp_path))
     monkeypatch.setattr(Less, "train_seeds", range(3000, 3003))
     monkeypatch.setattr(Less, "held_out_seeds", range(3100, 3101))
+    monkeypatch.setattr(calibration, "computations", Counter())
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +58,20 @@ def test_calibration_prompts_are_varied_and_end_with_a_question():
 
 
 def test_trained_kernels_beat_eviction_on_held_out_prompts_and_are_reused(tiny, prefilled):
-    before = less_module.calibrations_computed
     cache, report = _compress(tiny, prefilled)
-    summary = Less().kernels(tiny)["summary"]
-    assert less_module.calibrations_computed == before + 1  # trained once, then read back from disk
+    trained = Less().calibrate(tiny)
+    assert calibration.computations["less"] == 1  # trained once for every layer, then held in memory
+    manifest = calibration_path(tiny, "less")
+    key = Less().calibration_key(tiny)
+    assert json.loads(manifest.read_text())["entries"] == {key: {"summary": trained["summary"]}}
+    assert key_file(manifest, key, ".pt").exists()
+    calibration.memo.clear()  # as a new process: kernels read back from disk, equal to the trained ones
+    read = Less().calibrate(tiny)
+    assert calibration.computations["less"] == 1 and read["summary"] == trained["summary"]
+    for side in ("q", "k"):
+        for ours, theirs in zip(read[side], trained[side]):
+            assert all(torch.equal(ours[name], theirs[name]) for name in ("w1", "b1", "w2", "b2"))
+    summary = trained["summary"]
     assert len(summary["layers"]) == tiny.num_layers
     for layer in summary["layers"]:
         assert layer["held_out_mse"] < layer["held_out_mse_evict_only"]
@@ -100,11 +116,10 @@ def test_several_tokens_at_once_equal_one_at_a_time(tiny, prefilled):
 
 
 def test_budget_one_keeps_everything_and_trains_nothing(tiny, prefilled):
-    before = less_module.calibrations_computed
     result = compare(tiny, passkey_prompt(n_sentences=10, seed=4).text, "full,less", budget=1.0, max_new_tokens=6,
                      window=16)
     assert result.results[1].token_ids == result.results[0].token_ids and result.results[1].kv_fraction == 1.0
-    assert less_module.calibrations_computed == before
+    assert calibration.computations["less"] == 0
 
 
 @pytest.mark.slow

@@ -30,20 +30,10 @@ from ..errors import InputError
 from ..pipeline.models import LoadedModel
 from ..pipeline.selection import keep_top
 from .base import CompressionReport, Parameter, TokenBudgetMethod, prompt_positions, register
-from .calibration import (
-    CalibrationSet,
-    Progress,
-    context_model,
-    load_calibration,
-    model_fingerprint,
-    report_progress,
-    save_calibration,
-)
+from .calibration import CalibratedMethod, CalibrationSet, Progress, context_model, model_fingerprint, report_progress
 
 PROFILE_TAU = 0.9
 PROFILE_WINDOW = 32
-
-calibrations_computed = 0  # how many profiling passes this process actually ran (tests check reuse with it)
 
 
 def head_budgets(importance: np.ndarray, avg_budget: float, held: np.ndarray, window: int, floor: float) -> np.ndarray:
@@ -61,7 +51,7 @@ def head_budgets(importance: np.ndarray, avg_budget: float, held: np.ndarray, wi
 
 
 @register
-class BaKlaVa(TokenBudgetMethod):
+class BaKlaVa(CalibratedMethod, TokenBudgetMethod):
     name = "baklava"
     summary = "token budgets per KV head from a one-off profile of head importance (LMBA), SnapKV selection per head"
     paper = "BaKlaVa (arXiv 2502.13176)"
@@ -77,19 +67,8 @@ class BaKlaVa(TokenBudgetMethod):
     def calibration_key(self, loaded: LoadedModel) -> str:
         return f"{model_fingerprint(loaded)}|lmba tau={PROFILE_TAU} w={PROFILE_WINDOW}|{self.calibration_set.key}"
 
-    def calibrate(self, loaded: LoadedModel, progress: Progress | None = None) -> dict:
-        """The head-importance profile of this model: stored result if present, else profiled and saved."""
-        key = self.calibration_key(loaded)
-        stored = load_calibration(loaded, self.name, key)
-        if stored is not None:
-            report_progress(progress, 1.0, "baklava: profile reused")
-            return stored
-        result = self._profile(loaded, progress)
-        save_calibration(loaded, self.name, key, result)
-        return result
-
-    def _profile(self, loaded: LoadedModel, progress: Progress | None) -> dict:
-        global calibrations_computed
+    def compute_calibration(self, loaded: LoadedModel, progress: Progress | None) -> dict:
+        """The head-importance profile: {"importance": (L, H_kv) mean LMBA per KV head, "prompts", "seconds"}."""
         started = time.perf_counter()
         texts = self.calibration_set.texts()
         total = None
@@ -101,13 +80,18 @@ class BaKlaVa(TokenBudgetMethod):
             per_kv = np.stack([lmba[:, groups == h].mean(axis=1) for h in range(int(groups.max()) + 1)], axis=1)
             total = per_kv if total is None else total + per_kv
         importance = total / len(texts)
-        calibrations_computed += 1
         seconds = time.perf_counter() - started
         report_progress(progress, 1.0, f"baklava: profiled in {seconds:.1f} s")
         return {"importance": importance.round(6).tolist(), "prompts": len(texts), "seconds": round(seconds, 3)}
 
+    def check_calibration(self, loaded: LoadedModel, result: dict) -> None:
+        importance = np.asarray(result["importance"], dtype=np.float64)
+        if importance.shape != (loaded.num_layers, loaded.num_kv_heads) or not np.isfinite(importance).all():
+            raise ValueError(f"the importance is not {loaded.num_layers}×{loaded.num_kv_heads} finite numbers")
+
     def importance(self, context) -> np.ndarray:
-        profile = self.calibrate(context_model(context, self.name), getattr(context, "progress", None))
+        """(L, H_kv) head importance from the profile."""
+        profile = self.calibrate(context_model(context, self.name), context.progress)
         importance = np.asarray(profile["importance"], dtype=np.float64)
         if importance.shape[0] != context.analysis.num_layers:
             raise InputError(f"baklava: the profile has {importance.shape[0]} layers, the prompt's model "
@@ -148,4 +132,5 @@ class BaKlaVa(TokenBudgetMethod):
         ]
         if context.analysis.sliding_layers.any():
             notes.append("baklava: sliding-window layers become per-head layers that no longer slide during decoding")
+        notes += self.calibration_notes(context_model(context, self.name))
         return CompressionReport(layer_budgets=per_layer, notes=notes, kept=kept)

@@ -33,18 +33,16 @@ from ..pipeline import cache as kvcache
 from ..pipeline import runtime
 from ..errors import InputError
 from ..pipeline.models import LoadedModel
-from .base import CompressionMethod, CompressionReport, Parameter, register
+from .base import CompressionReport, Parameter, register
 from .calibration import (
+    CalibratedMethod,
     CalibrationSet,
     Progress,
     context_model,
     layer_kind,
-    load_calibration,
     model_fingerprint,
     report_progress,
-    save_calibration,
     shallow_cache,
-    stored_entries,
 )
 
 
@@ -80,11 +78,8 @@ def apply_sharing(cache, pairs: list[tuple[int, int]]) -> None:
         cache.layers[target] = SharedLayer(cache.layers[source], source)
 
 
-calibrations_computed = 0  # how many calibrations this process actually ran (tests check reuse with it)
-
-
 @register
-class KVSharer(CompressionMethod):
+class KVSharer(CalibratedMethod):
     name = "kvsharer"
     summary = "later layers reuse the cache of the most dissimilar earlier layer that keeps outputs close (calibrated once)"
     paper = "KVSharer (arXiv 2410.18517)"
@@ -110,29 +105,14 @@ class KVSharer(CompressionMethod):
             f"|tail={self.check_tokens}|{self.calibration_set.key}"
         )
 
-    def calibrate(self, loaded: LoadedModel, progress: Progress | None = None) -> dict:
-        """The sharing plan for this model: stored result if present, else computed and saved (SmolLM2 on two
-        CPU cores: about 50 s at the defaults, 100 s when the search runs through every pair).
+    def stored_alternative(self, loaded: LoadedModel, entries: dict) -> dict | None:
+        """The plan cut from a stored plan of the same search with a larger share, if any.
 
         The greedy search accepts pairs in one fixed order, so the plan for a smaller share is the start of the
         plan for a larger one (same threshold): a stored larger plan, or one whose search ran out of pairs, is
         reused for any smaller share without recomputing.
         """
-        key = self.calibration_key(loaded)
-        stored = load_calibration(loaded, self.name, key)
-        if stored is None:
-            stored = self._derived(loaded)
-        if stored is not None:
-            report_progress(progress, 1.0, "kvsharer: calibration reused")
-            return stored
-        result = self._compute(loaded, progress)
-        save_calibration(loaded, self.name, key, result)
-        return result
-
-    def _derived(self, loaded: LoadedModel) -> dict | None:
-        """The plan cut from a stored plan of the same search with a larger share, if any."""
         wanted = self.target_count(loaded.num_layers)
-        entries = stored_entries(loaded, self.name)
         for share in sorted({float(k.split("|share=")[1].split("|")[0]) for k in entries if "|share=" in k}):
             entry = entries.get(self.calibration_key(loaded, share))
             if not isinstance(entry, dict) or not all("order" in p for p in entry.get("pairs", [None])):
@@ -143,8 +123,23 @@ class KVSharer(CompressionMethod):
                         "derived_from_share": share}
         return None
 
-    def _compute(self, loaded: LoadedModel, progress: Progress | None) -> dict:
-        global calibrations_computed
+    def check_calibration(self, loaded: LoadedModel, result: dict) -> None:
+        layers = loaded.num_layers
+        if result["num_layers"] != layers:
+            raise ValueError(f"the plan is for {result['num_layers']} layers, the model has {layers}")
+        for pair in result["pairs"]:
+            if not 0 <= pair["source"] < pair["target"] < layers or not isinstance(pair["cosine"], (int, float)):
+                raise ValueError(f"the pair {pair} does not fit {layers} layers")
+        if not all(isinstance(result[name], (int, float)) for name in ("wanted", "checked", "prompts", "seconds")):
+            raise TypeError("'wanted', 'checked', 'prompts' and 'seconds' must be numbers")
+
+    def needs_calibration(self, context) -> bool:
+        return self.target_count(context_model(context, self.name).num_layers) > 0
+
+    def compute_calibration(self, loaded: LoadedModel, progress: Progress | None) -> dict:
+        """The sharing plan for this model (SmolLM2 on two CPU cores: about 50 s at the defaults, 100 s when the
+        search runs through every pair): {"pairs": [{target, source, distance, cosine, order}], "wanted",
+        "num_layers", "checked", "prompts", "seconds"}."""
         started = time.perf_counter()
         num_layers = loaded.num_layers
         wanted = self.target_count(num_layers)
@@ -209,7 +204,6 @@ class KVSharer(CompressionMethod):
                                  "cosine": round(cosine, 6), "order": len(accepted)})
                 targets.add(target)
                 sources.add(source)
-        calibrations_computed += 1
         seconds = time.perf_counter() - started
         report_progress(progress, 1.0, f"kvsharer: {len(accepted)} of {wanted} layers share ({seconds:.1f} s)")
         return {
@@ -227,7 +221,7 @@ class KVSharer(CompressionMethod):
         if self.target_count(num_layers) == 0:
             return CompressionReport(layer_budgets=np.asarray(kvcache.layer_lengths(cache)),
                                      notes=["kvsharer: share rounds to 0 layers, nothing shared"])
-        plan = self.calibrate(loaded, getattr(context, "progress", None))
+        plan = self.calibrate(loaded, context.progress)
         if plan["num_layers"] != num_layers:
             raise InputError(f"kvsharer: the plan is for {plan['num_layers']} layers, the cache has {num_layers}")
         pairs = [(p["target"], p["source"]) for p in plan["pairs"]]
@@ -241,4 +235,5 @@ class KVSharer(CompressionMethod):
         if len(pairs) < plan["wanted"]:
             notes.append(f"kvsharer: only {len(pairs)} of {plan['wanted']} layers passed the cosine check "
                          f"≥ {self.params['threshold']}")
+        notes += self.calibration_notes(loaded)
         return CompressionReport(layer_budgets=np.asarray(budgets), notes=notes)

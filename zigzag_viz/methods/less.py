@@ -44,24 +44,13 @@ from ..pipeline.models import LoadedModel
 from ..pipeline.selection import keep_top, snapkv_scores
 from ..evaluation.prompts import filler, paragraphs, passkey_prompt, split_question
 from .base import CompressionReport, Parameter, TokenBudgetMethod, register
-from .calibration import (
-    Progress,
-    calibration_path,
-    context_model,
-    load_calibration,
-    model_fingerprint,
-    report_progress,
-    save_calibration,
-)
+from .calibration import CalibratedMethod, Progress, context_model, model_fingerprint, report_progress
 
 HIDDEN = 32
 ANSWER_TOKENS = 24  # the model's own greedy answer: its queries train the kernels (they are what decoding sees)
 TRAIN_WINDOW = 32
 TRAIN_FRACTIONS = (0.1, 0.2, 0.3, 0.5)
 TRAIN_STEPS = 150
-
-calibrations_computed = 0  # how many trainings this process actually ran (tests check reuse with it)
-_kernels_in_memory: dict[tuple[str, str], dict] = {}  # (weights file, calibration key) → kernels, read once per process
 
 
 def features(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -268,7 +257,7 @@ def train_layer(train: list[dict], held_out: list[dict], rank: int, seed: int) -
 
 
 @register
-class Less(TokenBudgetMethod):
+class Less(CalibratedMethod, TokenBudgetMethod):
     name = "less"
     summary = "budget eviction plus a learned constant-size state of the evicted tokens that attention still reads"
     paper = "LESS (arXiv 2402.09398)"
@@ -282,6 +271,7 @@ class Less(TokenBudgetMethod):
     }
     train_seeds: ClassVar[range] = range(3000, 3009)
     held_out_seeds: ClassVar[range] = range(3100, 3103)
+    weight_fields = ("q", "k")
 
     def layer_budgets(self, context):
         return self.allocated_budgets(context)
@@ -291,32 +281,32 @@ class Less(TokenBudgetMethod):
                 f"answer={ANSWER_TOKENS} window={TRAIN_WINDOW} shift=kept"
                 f"|tasks{len(self.train_seeds)}s{self.train_seeds.start}")
 
-    def kernels(self, loaded: LoadedModel, progress: Progress | None = None) -> dict:
-        """{"q": [per-layer kernel], "k": [...], "summary": {...}}: kernels already read in this process, else
-        stored kernels, else trained and saved."""
-        key = self.calibration_key(loaded)
-        weights = calibration_path(loaded, self.name).with_name(f"less_rank{self.params['rank']}.pt")
-        held = _kernels_in_memory.get((str(weights), key))
-        if held is not None:
-            return held
-        summary = load_calibration(loaded, self.name, key)
-        stored = torch.load(weights, weights_only=True) if summary is not None and weights.exists() else {}
-        if stored.get("key") == key:
-            report_progress(progress, 1.0, "less: kernels reused")
-            result = {"q": stored["q"], "k": stored["k"], "summary": summary}
-        else:
-            result = self._train(loaded, progress)
-            weights.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"key": key, "q": result["q"], "k": result["k"]}, weights)
-            save_calibration(loaded, self.name, key, result["summary"])
-        _kernels_in_memory[(str(weights), key)] = result
-        return result
+    def needs_calibration(self, context) -> bool:
+        """Kernels are needed only when some layer evicts."""
+        return bool((np.asarray(self.layer_budgets(context)) < context.analysis.layer_caps).any())
 
-    def _train(self, loaded: LoadedModel, progress: Progress | None) -> dict:
-        """Collect, for every prompt, the model's own greedy answer; then prefill prompt + answer once and keep
-        two kinds of example per layer: the answer's queries over the whole prompt (aware setting) and the
-        question's and answer's queries over the context before the question (context setting)."""
-        global calibrations_computed
+    def check_calibration(self, loaded: LoadedModel, result: dict) -> None:
+        """Per layer, φ_q and φ_k of this rank: w1 (H_kv, d, HIDDEN), b1 (H_kv, HIDDEN), w2 (H_kv, HIDDEN, r),
+        b2 (H_kv, r), finite; and the summary's held-out error ratio."""
+        config = loaded.config
+        dim = getattr(config, "head_dim", None) or config.hidden_size // loaded.num_query_heads
+        heads, rank = loaded.num_kv_heads, self.params["rank"]
+        shapes = {"w1": (heads, dim, HIDDEN), "b1": (heads, HIDDEN), "w2": (heads, HIDDEN, rank), "b2": (heads, rank)}
+        for side in ("q", "k"):
+            if len(result[side]) != loaded.num_layers:
+                raise ValueError(f"{len(result[side])} layers of φ_{side} kernels, the model has {loaded.num_layers}")
+            for layer, kernel in enumerate(result[side]):
+                for name, shape in shapes.items():
+                    if tuple(kernel[name].shape) != shape or not torch.isfinite(kernel[name]).all():
+                        raise ValueError(f"φ_{side} {name} of layer {layer} is not {shape} finite numbers")
+        if not isinstance(result["summary"]["held_out_error_ratio"], (int, float)):
+            raise TypeError("the summary has no held-out error ratio")
+
+    def compute_calibration(self, loaded: LoadedModel, progress: Progress | None) -> dict:
+        """{"q": [per-layer kernel], "k": [...], "summary": {...}}. Collect, for every prompt, the model's own
+        greedy answer; then prefill prompt + answer once and keep two kinds of example per layer: the answer's
+        queries over the whole prompt (aware setting) and the question's and answer's queries over the context
+        before the question (context setting)."""
         started = time.perf_counter()
         prompts = {"train": [calibration_text(seed) for seed in self.train_seeds],
                    "held_out": [calibration_text(seed) for seed in self.held_out_seeds]}
@@ -352,7 +342,6 @@ class Less(TokenBudgetMethod):
             kernels_q.append(kernel_q)
             kernels_k.append(kernel_k)
             layers.append(errors)
-        calibrations_computed += 1
         seconds = time.perf_counter() - started
         less = np.asarray([e["held_out_mse"] for e in layers])
         evict = np.asarray([e["held_out_mse_evict_only"] for e in layers])
@@ -370,14 +359,16 @@ class Less(TokenBudgetMethod):
         if not report.kept:
             report.notes.append("less: nothing evicted, no state")
             return report
-        ratio = self.kernels(context_model(context, self.name))["summary"]["held_out_error_ratio"]
+        loaded = context_model(context, self.name)
+        ratio = self.calibrate(loaded)["summary"]["held_out_error_ratio"]
         report.notes.append(f"less: rank-{self.params['rank']} state per KV head; on held-out prompts the kernels "
                             f"leave {ratio:.0%} of eviction's attention-output error")
+        report.notes += self.calibration_notes(loaded)
         return report
 
     def evict_layer(self, cache, layer, keep, context) -> None:
         """Fold the layer's evicted rows into its state, then keep `keep` (H_kv, B) in a LessLayer."""
-        kernels = self.kernels(context_model(context, self.name), getattr(context, "progress", None))
+        kernels = self.calibrate(context_model(context, self.name), context.progress)
         if len(kernels["q"]) != kvcache.layer_count(cache):
             raise InputError(f"less: the kernels are for {len(kernels['q'])} layers, the cache has "
                              f"{kvcache.layer_count(cache)}")
