@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from ..pipeline import cache as kvcache
-from ..errors import InputError
 from .base import CompressionMethod, CompressionReport, Parameter, register
 
 SCALE_DTYPE = torch.float16
@@ -178,13 +177,13 @@ class KiviLayer(kvcache.CompressedLayer):
         self.tail_values = torch.cat([self.tail_values, value_states.to(self.dtype)], dim=-2)
         total = self.held_tokens()
         visible = total
-        if self.sliding_window is not None:  # a sliding layer sees its last window − 1 entries plus the new tokens
-            visible = min(total, self.sliding_window - 1 + key_states.shape[-2])
+        if self.sliding_window is not None:
+            visible = min(total, kvcache.window_length(self.sliding_window, key_states.shape[-2]))
         skip = total - visible  # oldest tokens this call does not show to attention
         start_group = min(skip // self.group, self.quantized_tokens() // self.group)
-        keys = torch.cat([self.dequantized_keys(start_group), self.tail_keys], dim=-2)
-        values = torch.cat([self.dequantized_values(start_group), self.tail_values], dim=-2)
-        keys, values = keys[..., keys.shape[-2] - visible :, :], values[..., values.shape[-2] - visible :, :]
+        keys = kvcache.last_tokens([self.dequantized_keys(start_group), self.tail_keys], visible)
+        values = kvcache.last_tokens([self.dequantized_values(start_group), self.tail_values], visible)
+        keys, values = torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
         self._flush(keep=self.residual)
         if self.sliding_window is not None:
             self._drop_outside_window()
@@ -192,7 +191,8 @@ class KiviLayer(kvcache.CompressedLayer):
 
     def _drop_outside_window(self) -> None:
         """Release whole quantized groups (then tail tokens) that no later query of a sliding layer can see."""
-        excess = self.held_tokens() - (self.sliding_window - 1)
+        window = kvcache.window_length(self.sliding_window)
+        excess = self.held_tokens() - window
         groups = min(max(excess, 0) // self.group, self.quantized_tokens() // self.group)
         if groups:
             tokens = groups * self.group
@@ -202,10 +202,9 @@ class KiviLayer(kvcache.CompressedLayer):
             self.value_codes = self.value_codes[..., tokens:, :].clone()
             self.value_scale = self.value_scale[..., tokens:, :].clone()
             self.value_zero = self.value_zero[..., tokens:, :].clone()
-        excess = self.held_tokens() - (self.sliding_window - 1)
-        if excess > 0 and self.quantized_tokens() == 0:
-            self.tail_keys = self.tail_keys[..., excess:, :].clone()
-            self.tail_values = self.tail_values[..., excess:, :].clone()
+        if self.quantized_tokens() == 0:
+            [self.tail_keys] = kvcache.last_tokens([self.tail_keys], window, release=True)
+            [self.tail_values] = kvcache.last_tokens([self.tail_values], window, release=True)
 
     def tensors(self):
         return [
@@ -213,25 +212,6 @@ class KiviLayer(kvcache.CompressedLayer):
             self.value_codes, self.value_scale, self.value_zero,
             self.tail_keys, self.tail_values,
         ]
-
-
-def dense_entry(cache, layer: int, method: str):
-    """The dense cache layer `layer`, or a clear error when an earlier method already compressed it."""
-    entry = cache.layers[layer]
-    if not kvcache.is_dense(cache, layer):
-        raise InputError(
-            f"{method}: layer {layer} is already compressed ({type(entry).__name__}); {method} works on dense "
-            "layers only, so combine it only after methods that leave dense layers (token eviction such as "
-            "zigzag, uniform, pyramid, l2norm)"
-        )
-    if entry.keys is None or entry.keys.dim() != 4 or entry.keys.shape[-2] == 0:
-        raise InputError(f"{method}: layer {layer} holds no keys; compress after prefill")
-    return entry
-
-
-def sliding_window_of(entry) -> int | None:
-    """The attention span of a sliding-window layer (None for a global layer)."""
-    return int(entry.sliding_window) if getattr(entry, "is_sliding", False) else None
 
 
 @register
@@ -250,10 +230,10 @@ class Kivi(CompressionMethod):
 
     def compress(self, cache, context) -> CompressionReport:
         p = self.params
-        entries = [dense_entry(cache, layer, self.name) for layer in range(kvcache.layer_count(cache))]
+        entries = [kvcache.dense_entry(cache, layer, self.name) for layer in range(kvcache.layer_count(cache))]
         for layer, entry in enumerate(entries):
             cache.layers[layer] = KiviLayer(
-                entry.keys, entry.values, p["bits"], p["group"], p["residual"], sliding_window_of(entry)
+                entry.keys, entry.values, p["bits"], p["group"], p["residual"], kvcache.sliding_window_of(entry)
             )
         quantized = sum(cache.layers[layer].quantized_tokens() for layer in range(len(entries)))
         held = kvcache.layer_lengths(cache)

@@ -17,10 +17,9 @@ import numpy as np
 import torch
 
 from ..pipeline import cache as kvcache
-from ..pipeline.attention import bottom_right_causal_mask
+from ..pipeline.attention import attend_scores, grouped_queries, grouped_scores
 from ..errors import InputError
 from .base import CompressionMethod, CompressionReport, Parameter, register
-from .kivi import dense_entry, sliding_window_of
 
 
 class ThinkView(kvcache.CacheView):
@@ -33,21 +32,13 @@ class ThinkView(kvcache.CacheView):
     def attend(self, module, query, scaling):
         if query.shape[0] != 1:
             raise ValueError("ThinK's cache supports batch 1 only")
-        num_kv = self.pruned_keys.shape[1]
-        q = query[0].float()  # (H_q, q_len, d)
-        num_q, q_len, dim = q.shape
-        q = q.reshape(num_kv, num_q // num_kv, q_len, dim)  # grouped by the KV head each query head reads
-        index = self.channels.to(q.device)[:, None, None, :].expand(-1, q.shape[1], q_len, -1)
-        q_pruned = torch.gather(q, -1, index)  # (H_kv, g, q_len, d_keep)
-        scores_old = torch.matmul(q_pruned, self.pruned_keys[0, :, None].float().transpose(-1, -2))
-        scores_new = torch.matmul(q, self.new_keys[0, :, None].float().transpose(-1, -2))
-        scores = torch.cat([scores_old, scores_new], dim=-1) * scaling  # (H_kv, g, q_len, k_len)
-        k_len = scores.shape[-1]
-        if q_len > 1 or self.sliding_window is not None:
-            visible = bottom_right_causal_mask(q_len, k_len, q.device, self.sliding_window)[0]
-            scores = scores.masked_fill(~visible, float("-inf"))
-        out = torch.matmul(torch.softmax(scores, dim=-1), self.values[0, :, None].float())  # (H_kv, g, q_len, d_v)
-        return out.reshape(num_q, q_len, -1).transpose(0, 1)[None].to(query.dtype)
+        q = grouped_queries(query, self.pruned_keys.shape[1])  # (1, H_kv, g·q_len, d)
+        index = self.channels.to(q.device)[None, :, None, :].expand(1, -1, q.shape[2], -1)
+        q_pruned = torch.gather(q, -1, index)  # (1, H_kv, g·q_len, d_keep)
+        scores = torch.cat(
+            [grouped_scores(q_pruned, self.pruned_keys, scaling), grouped_scores(q, self.new_keys, scaling)], dim=-1
+        )
+        return attend_scores(scores, self.values, query.shape[2], self.sliding_window).to(query.dtype)
 
 
 class ThinkLayer(kvcache.CompressedLayer):
@@ -79,28 +70,17 @@ class ThinkLayer(kvcache.CompressedLayer):
         self.head_values = torch.cat([self.head_values, value_states.to(self.head_values.dtype)], dim=-2)
         pruned, new, values = self.pruned_keys, self.new_keys, self.head_values
         if self.sliding_window is not None:
-            # A sliding layer sees its last window − 1 entries plus the new tokens; older ones are released.
-            pruned, new, values = _last(pruned, new, values, self.sliding_window - 1 + key_states.shape[-2])
-            kept = _last(self.pruned_keys, self.new_keys, self.head_values, self.sliding_window - 1)
-            self.pruned_keys, self.new_keys, self.head_values = (
-                part.clone() if part.shape != whole.shape else whole
-                for part, whole in zip(kept, (self.pruned_keys, self.new_keys, self.head_values))
-            )
+            shown = kvcache.window_length(self.sliding_window, key_states.shape[-2])
+            pruned, new = kvcache.last_tokens([pruned, new], shown)
+            [values] = kvcache.last_tokens([values], shown)
+            held = kvcache.window_length(self.sliding_window)
+            self.pruned_keys, self.new_keys = kvcache.last_tokens([self.pruned_keys, self.new_keys], held, release=True)
+            [self.head_values] = kvcache.last_tokens([self.head_values], held, release=True)
         view = ThinkView(pruned, self.channels, new, values, self.sliding_window)
         return view, view
 
     def tensors(self):
         return [self.pruned_keys, self.channels, self.new_keys, self.head_values]
-
-
-def _last(pruned, new, values, count):
-    """The last `count` tokens of pruned ‖ new (and of the values), as slices."""
-    total = pruned.shape[-2] + new.shape[-2]
-    drop = max(total - count, 0)
-    if drop == 0:
-        return pruned, new, values
-    from_pruned = min(drop, pruned.shape[-2])
-    return pruned[..., from_pruned:, :], new[..., drop - from_pruned :, :], values[..., drop:, :]
 
 
 def channel_scores(query_energy: np.ndarray, kv_group: np.ndarray, keys: torch.Tensor) -> torch.Tensor:
@@ -135,7 +115,7 @@ class Think(CompressionMethod):
         analysis = context.analysis
         if analysis.query_channel_energy is None:
             raise InputError(f"{self.name} scores key channels by the window queries: prefill with needs={{'query_energy'}}")
-        entries = [dense_entry(cache, layer, self.name) for layer in range(kvcache.layer_count(cache))]
+        entries = [kvcache.dense_entry(cache, layer, self.name) for layer in range(kvcache.layer_count(cache))]
         if any(entry.keys.shape[0] != 1 for entry in entries):
             raise InputError(f"{self.name}: the pruned-channel cache supports batch 1 only")
         dims = set()
@@ -145,7 +125,7 @@ class Think(CompressionMethod):
             d_keep = min(dim, max(1, math.ceil(self.params["keep"] * dim - 1e-9)))
             scores = channel_scores(analysis.query_channel_energy[layer], analysis.kv_group, keys)
             channels = torch.topk(scores, d_keep, dim=-1).indices.sort(dim=-1).values
-            cache.layers[layer] = ThinkLayer.from_dense(keys, entry.values, channels, sliding_window_of(entry))
+            cache.layers[layer] = ThinkLayer.from_dense(keys, entry.values, channels, kvcache.sliding_window_of(entry))
             dims.add((d_keep, dim))
         held = kvcache.layer_lengths(cache)
         notes = [f"key channels kept per head: {', '.join(f'{k} of {d}' for k, d in sorted(dims))}"]

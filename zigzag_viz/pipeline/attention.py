@@ -6,6 +6,10 @@ transformers' SDPA path; what it adds:
   through a compressed cache (the model-level mask is sized from layer 0 and is wrong elsewhere);
 - an optional observer that sees each layer's RoPE'd queries and keys during a fresh prefill
   (used by `capture` to measure window attention without materialising n × n scores).
+
+Compressed layers attend through `grouped_attention` over the tensors they store (or through its parts, when
+they score keys their own way): float32, the same bottom-right causal mask and sliding window, and each KV head
+read by its group of query heads without repeating it.
 """
 
 from __future__ import annotations
@@ -49,6 +53,47 @@ def bottom_right_causal_mask(q_len: int, k_len: int, device, sliding_window: int
     if sliding_window is not None:
         visible &= (query_pos - key_pos) < sliding_window
     return visible.view(1, 1, q_len, k_len)
+
+
+def grouped_queries(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Queries (B, H_q, q, d) → float32 (B, H_kv, g·q, d): the g query heads that read each KV head, stacked."""
+    batch, num_q, q_len, dim = query.shape
+    return query.float().reshape(batch, num_kv_heads, (num_q // num_kv_heads) * q_len, dim)
+
+
+def grouped_scores(grouped_query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Scaled dot products (…, H_kv, g·q, k), float32, of grouped queries (…, H_kv, g·q, d) and keys (…, H_kv, k, d)."""
+    return torch.matmul(grouped_query, keys.float().transpose(-1, -2)) * scaling
+
+
+def masked_scores(scores: torch.Tensor, q_len: int, sliding_window: int | None = None) -> torch.Tensor:
+    """Grouped scores (…, g·q, k), −inf where the bottom-right causal mask or the sliding window hides a key."""
+    if q_len == 1 and sliding_window is None:
+        return scores
+    visible = bottom_right_causal_mask(q_len, scores.shape[-1], scores.device, sliding_window)[0, 0]
+    return scores.unflatten(-2, (-1, q_len)).masked_fill(~visible, float("-inf")).flatten(-3, -2)
+
+
+def ungrouped(grouped_output: torch.Tensor, q_len: int) -> torch.Tensor:
+    """Grouped outputs (B, H_kv, g·q, d_v) → (B, q, H_q, d_v), the layout attention returns."""
+    batch, num_kv, rows, dim = grouped_output.shape
+    return grouped_output.reshape(batch, num_kv * (rows // q_len), q_len, dim).transpose(1, 2)
+
+
+def attend_scores(
+    scores: torch.Tensor, values: torch.Tensor, q_len: int, sliding_window: int | None = None
+) -> torch.Tensor:
+    """Float32 output (B, q, H_q, d_v) of grouped scores (B, H_kv, g·q, k) over values (B, H_kv, k, d_v):
+    masked (bottom-right causal, sliding window), softmax over the keys, weighted sum of the values."""
+    probabilities = torch.softmax(masked_scores(scores, q_len, sliding_window), dim=-1)
+    return ungrouped(torch.matmul(probabilities, values.float()), q_len)
+
+
+def grouped_attention(query, keys, values, scaling: float, sliding_window: int | None = None) -> torch.Tensor:
+    """Attention of new queries (B, H_q, q, d) over stored keys (B, H_kv, k, d) and values (B, H_kv, k, d_v) →
+    (B, q, H_q, d_v) in the query's dtype; float32 math, bottom-right causal, KV heads read by groups of query heads."""
+    scores = grouped_scores(grouped_queries(query, keys.shape[1]), keys, scaling)
+    return attend_scores(scores, values, query.shape[2], sliding_window).to(query.dtype)
 
 
 def zigzag_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

@@ -8,12 +8,13 @@ another layer) and hands attention a `CacheView` that knows how to attend over t
 from __future__ import annotations
 
 import copy
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from .attention import bottom_right_causal_mask
+from ..errors import InputError
+from .attention import grouped_attention
 
 
 class CacheView:
@@ -47,31 +48,40 @@ class CompressedLayer(DynamicLayer):
         return self.held_tokens() + query_length, 0
 
 
-def manual_attention(query, keys, values, scaling: float) -> torch.Tensor:
-    """Bottom-right causal attention of new queries (H, q, d) over (H, k, d) keys → (H, q, d_v), in float32."""
-    q_len, k_len = query.shape[-2], keys.shape[-2]
-    scores = torch.matmul(query.float(), keys.float().transpose(-1, -2)) * scaling
-    if q_len > 1:
-        visible = bottom_right_causal_mask(q_len, k_len, query.device)[0]
-        scores = scores.masked_fill(~visible, float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1), values.float())
+def window_length(sliding_window: int, new_tokens: int = 0) -> int:
+    """Tokens a sliding layer keeps for attention: its last window − 1 entries, plus the new tokens attending now."""
+    return sliding_window - 1 + new_tokens
+
+
+def last_tokens(segments: Sequence[torch.Tensor], count: int, release: bool = False) -> list[torch.Tensor]:
+    """The last `count` tokens of one sequence stored as consecutive segments (…, n_i, d), one tensor per segment
+    (an uncut segment is returned as is); with `release`, cut segments are copies, so the dropped tokens are freed."""
+    drop = max(sum(segment.shape[-2] for segment in segments) - count, 0)
+    trimmed = []
+    for segment in segments:
+        cut = min(drop, segment.shape[-2])
+        drop -= cut
+        if cut == 0:
+            trimmed.append(segment)
+        else:
+            part = segment[..., cut:, :]
+            trimmed.append(part.clone() if release else part)
+    return trimmed
 
 
 class PerHeadView(CacheView):
-    """KV heads of different lengths: each head group attends over its own keys."""
+    """KV heads of different lengths: each head's group of query heads attends over that head's keys."""
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
         self.keys, self.values = keys, values
 
     def attend(self, module, query, scaling):
-        num_kv = len(self.keys)
-        group = query.shape[1] // num_kv
-        outputs = []
-        for head in range(num_kv):
-            q = query[0, head * group : (head + 1) * group]  # (g, q_len, d)
-            outputs.append(manual_attention(q, self.keys[head][None], self.values[head][None], scaling))
-        out = torch.cat(outputs, dim=0)  # (H_q, q_len, d)
-        return out.transpose(0, 1)[None].to(query.dtype)
+        group_queries = query.split(query.shape[1] // len(self.keys), dim=1)
+        outputs = [
+            grouped_attention(q, keys[None, None], values[None, None], scaling)
+            for q, keys, values in zip(group_queries, self.keys, self.values)
+        ]
+        return torch.cat(outputs, dim=2)
 
 
 class PerHeadLayer(CompressedLayer):
@@ -125,6 +135,25 @@ def layer_lengths(cache) -> list[int]:
 
 def is_dense(cache, layer: int) -> bool:
     return not isinstance(cache.layers[layer], CompressedLayer)
+
+
+def dense_entry(cache, layer: int, method: str):
+    """The dense cache layer `layer`, or a clear error when an earlier method already compressed it."""
+    entry = cache.layers[layer]
+    if not is_dense(cache, layer):
+        raise InputError(
+            f"{method}: layer {layer} is already compressed ({type(entry).__name__}); {method} works on dense "
+            "layers only, so combine it only after methods that leave dense layers (token eviction such as "
+            "zigzag, uniform, pyramid, l2norm)"
+        )
+    if entry.keys is None or entry.keys.dim() != 4 or entry.keys.shape[-2] == 0:
+        raise InputError(f"{method}: layer {layer} holds no keys; compress after prefill")
+    return entry
+
+
+def sliding_window_of(entry) -> int | None:
+    """The attention span of a sliding-window layer (None for a global layer)."""
+    return int(entry.sliding_window) if getattr(entry, "is_sliding", False) else None
 
 
 def evict(cache, layer: int, keep: torch.Tensor) -> None:
