@@ -37,7 +37,7 @@ import torch
 
 from ..pipeline import cache as kvcache
 from ..pipeline import runtime
-from ..pipeline.attention import bottom_right_causal_mask
+from ..pipeline.attention import grouped_queries, grouped_scores, masked_scores, ungrouped
 from ..pipeline.capture import window_attention
 from ..errors import InputError
 from ..pipeline.models import LoadedModel
@@ -61,18 +61,17 @@ def features(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
 
 def combined_attention(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, state: torch.Tensor, normaliser: torch.Tensor,
-    kernel_q: dict[str, torch.Tensor], scaling: float, visible: torch.Tensor | None = None, kept: int | None = None,
+    kernel_q: dict[str, torch.Tensor], scaling: float, q_len: int = 1, kept: int | None = None,
 ) -> torch.Tensor:
     """Softmax over kept keys plus the evicted tokens' state, per KV head, in float32.
 
-    query (H_kv, N, d) (the queries of every head in the group, stacked); keys, values (H_kv, B, d);
-    state (H_kv, r, d_v); normaliser (H_kv, r); visible (N, B) boolean or None → (H_kv, N, d_v). The shift m
-    is the largest score over the first `kept` keys (the kept prompt tokens; all keys when None), as in
-    training: tokens appended later must not change the scale the kernels were trained against.
+    query (H_kv, N, d): the N = g·q_len queries of the heads reading each KV head (`attention.grouped_queries`),
+    bottom-right causal over q_len new positions; keys, values (H_kv, B, d); state (H_kv, r, d_v); normaliser
+    (H_kv, r) → (H_kv, N, d_v). The shift m is the largest score over the first `kept` keys (the kept prompt
+    tokens; all keys when None), as in training: tokens appended later must not change the scale the kernels
+    were trained against.
     """
-    scores = torch.matmul(query, keys.transpose(-1, -2)) * scaling
-    if visible is not None:
-        scores = scores.masked_fill(~visible, float("-inf"))
+    scores = masked_scores(grouped_scores(query, keys, scaling), q_len)
     shift = scores[..., :kept].amax(dim=-1, keepdim=True)
     if kept is not None:  # appended tokens may score higher; stay well inside float32's range
         shift = torch.maximum(shift, scores.amax(dim=-1, keepdim=True) - 60.0)
@@ -97,18 +96,11 @@ class LessView(kvcache.CacheView):
     def attend(self, module, query, scaling):
         if query.shape[0] != 1:
             raise ValueError("LESS's cache supports batch 1 only")
-        layer = self.layer
-        num_kv = layer.keys.shape[1]
-        q = query[0].float()  # (H_q, q_len, d)
-        num_q, q_len, dim = q.shape
-        grouped = q.reshape(num_kv, (num_q // num_kv) * q_len, dim)
-        visible = None
-        if q_len > 1:
-            mask = bottom_right_causal_mask(q_len, layer.keys.shape[-2], q.device)[0, 0]
-            visible = mask.repeat(num_q // num_kv, 1)
+        layer, q_len = self.layer, query.shape[2]
+        grouped = grouped_queries(query, layer.keys.shape[1])[0]  # (H_kv, g·q_len, d)
         out = combined_attention(grouped, layer.keys[0].float(), layer.values[0].float(), layer.state,
-                                 layer.normaliser, layer.kernel_q, scaling, visible, kept=layer.kept)
-        return out.reshape(num_q, q_len, -1).transpose(0, 1)[None].to(query.dtype)
+                                 layer.normaliser, layer.kernel_q, scaling, q_len, kept=layer.kept)
+        return ungrouped(out[None], q_len).to(query.dtype)
 
 
 class LessLayer(kvcache.CompressedLayer):
