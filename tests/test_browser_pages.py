@@ -1,15 +1,21 @@
-"""The Uncertainty and Budgets pages in headless Chromium on the embedded SmolLM2, with full-page screenshots."""
+"""The Uncertainty and Budgets pages in headless Chromium on the embedded SmolLM2, with full-page screenshots.
 
+The server (`app_url`), the browser and `screenshot` are fixtures in conftest.py, shared with test_browser."""
+
+import csv
 import json
-import time
 from pathlib import Path
 
 import pytest
-from test_browser import _screenshot, app_url, browser  # noqa: F401  (fixtures reused from the Compare page tests)
+from conftest import wait_for_plots_to_fit
+from playwright.sync_api import expect
+
+from zigzag_viz.evaluation.prompts import EXAMPLES
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 PLOTS = "[data-testid=stPlotlyChart] .js-plotly-plot .main-svg"
+METHODS = ["full", "zigzag", "pyramid", "uniform", "adakv"]  # the Compare page's default methods, in its order
 
 
 def _wait_for_plots(page, count: int, timeout_ms: int) -> None:
@@ -22,13 +28,12 @@ def _wait_for_plots(page, count: int, timeout_ms: int) -> None:
 
 
 def _idle(page, timeout_ms: int = 120_000) -> None:
-    """Until the app has finished its current run (the status widget leaves the 'running' state)."""
-    time.sleep(0.5)
-    page.wait_for_function("() => !document.querySelector('[data-testid=stStatusWidget] [data-testid=stStatusWidgetRunningIcon]')",
-                           timeout=timeout_ms)
+    """Until the app's script is not running, as Streamlit records it on the app root. Call it after waiting for
+    something the run draws, so that the run has started."""
+    page.locator("[data-testid=stApp][data-test-script-state=notRunning]").wait_for(state="attached", timeout=timeout_ms)
 
 
-def test_uncertainty_page_on_smollm2(browser, app_url):  # noqa: F811
+def test_uncertainty_page_on_smollm2(browser, app_url, screenshot):
     page = browser.new_page(viewport={"width": 1500, "height": 1000})
     page.goto(f"{app_url}/Uncertainty")
     page.get_by_role("button", name="Analyze").wait_for(timeout=60_000)
@@ -54,11 +59,11 @@ def test_uncertainty_page_on_smollm2(browser, app_url):  # noqa: F811
     _wait_for_plots(page, 5, 60_000)
     _idle(page)
     assert "Traceback" not in page.content()
-    _screenshot(page, "uncertainty_smollm2.png")
+    screenshot(page, "uncertainty_smollm2.png")
     page.close()
 
 
-def test_budgets_page_on_smollm2(browser, app_url):  # noqa: F811
+def test_budgets_page_on_smollm2(browser, app_url, screenshot):
     page = browser.new_page(viewport={"width": 1500, "height": 1000})
     page.goto(f"{app_url}/Budgets")
     page.get_by_role("button", name="Analyze").wait_for(timeout=60_000)
@@ -82,27 +87,28 @@ def test_budgets_page_on_smollm2(browser, app_url):  # noqa: F811
     _idle(page)
     _wait_for_plots(page, 2, 60_000)
     assert "Traceback" not in page.content()
-    _screenshot(page, "budgets_smollm2.png")
+    screenshot(page, "budgets_smollm2.png")
     page.close()
 
 
-def test_compare_page_on_smollm2_with_four_methods(browser, app_url):  # noqa: F811
+def test_compare_page_on_smollm2_with_four_methods(browser, app_url, screenshot):
     """Full KV against four methods on SmolLM2 in context mode: answers, metrics, curves, the kept-token map with
     the pass key marked, and the JSON export; then the same result on a phone-sized screen (rows, not columns)."""
     page = browser.new_page(viewport={"width": 1500, "height": 1000}, accept_downloads=True)
     page.goto(f"{app_url}/Compare")
     page.get_by_role("button", name="Run").wait_for(timeout=60_000)
     page.get_by_text("context: compress the context").click()
-    _idle(page)
+    # once the radio shows it, Run sends context mode along with the other widget values
+    expect(page.get_by_role("radio", name="context: compress the context")).to_be_checked()
     page.get_by_role("button", name="Run").click()
     page.get_by_text("Answers side by side").wait_for(timeout=300_000)
     _wait_for_plots(page, 1, 60_000)
     content = page.content()
     assert "Traceback" not in content and "smollm2 on cpu" in content and "context mode" in content
-    for method in ("full", "zigzag", "pyramid", "uniform", "adakv"):
-        assert page.locator(".zz-head", has_text=method).count() >= 1
-    assert "52445" in page.locator(".zz-out").first.text_content()
-    _screenshot(page, "compare_smollm2.png")
+    assert page.locator(".zz-head").all_text_contents() == METHODS
+    example = next(iter(EXAMPLES.values()))()  # the prompt the page opens with
+    assert example.answer in page.locator(".zz-out").first.text_content()  # full KV's answer
+    screenshot(page, "compare_smollm2.png")
 
     tab = page.get_by_role("tab", name="Kept-token map")
     tab.click()
@@ -111,18 +117,21 @@ def test_compare_page_on_smollm2_with_four_methods(browser, app_url):  # noqa: F
     with page.expect_download() as download:
         page.get_by_role("button", name="Whole comparison as JSON").click()
     assert download.value.suggested_filename == "comparison.json"
-    assert json.loads(Path(download.value.path()).read_text())["mode"] == "context"
+    whole = json.loads(Path(download.value.path()).read_text())
+    assert whole["mode"] == "context" and [row["method"] for row in whole["results"]] == METHODS
     with page.expect_download() as table_download:
         page.get_by_role("button", name="comparison as CSV").click()
     assert table_download.value.suggested_filename == "comparison.csv"
-    assert Path(table_download.value.path()).read_text().startswith("method,mode,text")
+    with open(table_download.value.path(), newline="") as table:
+        rows = list(csv.DictReader(table))
+    assert [row["method"] for row in rows] == METHODS and {row["mode"] for row in rows} == {"context"}
     assert tab.get_attribute("aria-selected") == "true"  # a download does not rerun the page
-    _screenshot(page, "compare_smollm2_kept_map.png")
+    screenshot(page, "compare_smollm2_kept_map.png")
 
     page.set_viewport_size({"width": 420, "height": 900})
-    time.sleep(1.0)
+    wait_for_plots_to_fit(page)
     heads = page.locator(".zz-head")
     first, second = heads.nth(0).bounding_box(), heads.nth(1).bounding_box()
     assert second["y"] > first["y"] + first["height"]  # stacked: one answer under the other
-    _screenshot(page, "compare_smollm2_narrow.png")
+    screenshot(page, "compare_smollm2_narrow.png")
     page.close()

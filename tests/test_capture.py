@@ -1,4 +1,5 @@
-"""Signals from the window capture equal a reference from eager attention weights (tests only)."""
+"""Signals from the window capture equal a reference from eager attention weights (`compare_with_eager` in
+conftest.py)."""
 
 import numpy as np
 import pytest
@@ -9,39 +10,8 @@ from zigzag_viz.pipeline.capture import LMBO_GRID, Cancelled, bin_columns, bin_e
 from zigzag_viz.evaluation.prompts import passkey_prompt
 
 
-def eager_reference(loaded, ids, window):
-    """Entropy (L, H), mean window rows (L, H, n) and hidden change (L, n) from full eager attention maps."""
-    with attention.implementation(loaded.model, "eager"), torch.inference_mode():
-        out = loaded.model(ids, output_attentions=True, output_hidden_states=True, use_cache=False)
-    n = ids.shape[1]
-    w = min(window, n)
-    entropies, rows = [], []
-    for maps in out.attentions:
-        probs = maps[0, :, n - w :, :].double()  # (H, w, n)
-        entropies.append(torch.special.entr(probs).sum(-1).mean(-1).numpy())
-        rows.append(probs.mean(1).numpy())
-    hidden = out.hidden_states
-    changes = []
-    for layer in range(len(out.attentions)):
-        layer_in, layer_out = hidden[layer][0], hidden[layer + 1][0]
-        if layer == len(out.attentions) - 1:
-            continue  # the last hidden state has the final norm applied
-        changes.append((1 - torch.nn.functional.cosine_similarity(layer_in, layer_out, dim=-1)).numpy())
-    return np.stack(entropies), np.stack(rows), np.stack(changes)
-
-
-def _compare_with_eager(loaded, ids, window=32):
-    analysis = runtime.prefill(loaded, ids, window).analysis
-    entropy, rows, hidden = eager_reference(loaded, ids, window)
-    np.testing.assert_allclose(analysis.entropy, entropy, atol=1e-4)
-    np.testing.assert_allclose(analysis.attention_rows, rows, atol=1e-4)
-    np.testing.assert_allclose(analysis.lmba(0.9), min_budget_fraction(rows, 0.9), atol=1e-4)
-    np.testing.assert_allclose(analysis.hidden_change[: len(hidden)], hidden, atol=1e-4)
-    return analysis
-
-
-def test_capture_matches_eager_on_tiny(tiny, random_ids):
-    analysis = _compare_with_eager(tiny, random_ids)
+def test_capture_matches_eager_on_tiny(tiny, random_ids, compare_with_eager):
+    analysis = compare_with_eager(tiny, random_ids)
     assert analysis.entropy.shape == (4, 4)
     assert analysis.attention_rows.shape == (4, 4, 300)
     np.testing.assert_allclose(analysis.attention_rows.sum(-1), 1.0, atol=1e-5)
@@ -50,10 +20,10 @@ def test_capture_matches_eager_on_tiny(tiny, random_ids):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sentences, low, high", [(14, 250, 400), (55, 900, 1200)])
-def test_capture_matches_eager_on_smollm2(smollm2, sentences, low, high):
+def test_capture_matches_eager_on_smollm2(smollm2, sentences, low, high, compare_with_eager):
     ids = smollm2.encode(passkey_prompt(n_sentences=sentences, seed=3).text)
     assert low <= ids.shape[1] <= high
-    analysis = _compare_with_eager(smollm2, ids)
+    analysis = compare_with_eager(smollm2, ids)
     assert analysis.entropy.shape == (30, 9)
 
 

@@ -8,8 +8,6 @@ from zigzag_viz.evaluation.runner import compare
 from zigzag_viz.pipeline.models import _load_smollm2_tokenizer, wrap_model
 from zigzag_viz.evaluation.prompts import passkey_prompt
 
-from test_capture import _compare_with_eager
-
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=2048)
 
@@ -43,9 +41,9 @@ def family_model(request):
     return _tiny(request.param)
 
 
-def test_capture_is_exact_for_every_family(family_model):
+def test_capture_is_exact_for_every_family(family_model, compare_with_eager):
     ids = torch.randint(100, 20000, (1, 200), generator=torch.Generator().manual_seed(3))
-    analysis = _compare_with_eager(family_model, ids, window=16)
+    analysis = compare_with_eager(family_model, ids, window=16)
     if family_model.name == "tiny-gemma3":
         assert analysis.layer_caps.tolist() == [63, 63, 200, 63]
     else:
@@ -57,18 +55,20 @@ def test_compare_runs_and_shrinks_memory_for_every_family(family_model):
     result = compare(family_model, prompt, "full,zigzag,pyramid,uniform", budget=0.3, max_new_tokens=6, window=16)
     caps = result.analysis.layer_caps
     for row in result.results[1:]:
-        assert 0 < row.kv_fraction < 1
+        assert sum(row.layer_budgets) == round(4 * 0.3 * result.n_tokens)
         assert all(b <= c for b, c in zip(row.layer_budgets, caps))
+        # every layer has the same KV heads and head size, so bytes go as tokens held (full holds each layer's cap)
+        assert row.kv_fraction == pytest.approx(sum(row.layer_budgets) / caps.sum(), rel=1e-9)
 
 
 @pytest.mark.slow
-def test_gemma3_capture_is_exact_with_sliding_layers():
+def test_gemma3_capture_is_exact_with_sliding_layers(compare_with_eager):
     from zigzag_viz.pipeline.models import load_model
 
     gemma = load_model("gemma3", "cpu")
     for sentences in (14, 55):
         ids = gemma.encode(passkey_prompt(n_sentences=sentences, seed=3).text)
-        analysis = _compare_with_eager(gemma, ids)
+        analysis = compare_with_eager(gemma, ids)
     assert ids.shape[1] > 900
     assert analysis.sliding_layers.sum() == 15 and analysis.layer_caps.max() == ids.shape[1]
 
@@ -82,6 +82,8 @@ def test_gemma3_answers_and_keeps_sliding_layers_within_their_window():
     result = compare(gemma, prompt.text, "full,zigzag,uniform", budget=0.3, max_new_tokens=16, answer=prompt.answer)
     assert result.results[0].task_score == 1.0
     sliding = result.analysis.sliding_layers
+    caps = result.analysis.layer_caps
     for row in result.results[1:]:
         assert np.all(np.asarray(row.layer_budgets)[sliding] <= 511)
+        assert row.kv_fraction == pytest.approx(sum(row.layer_budgets) / caps.sum(), rel=1e-9)
         assert 0 < row.kv_fraction < 1
