@@ -1,13 +1,17 @@
 """The `zigzag-viz` command line: JSON contracts and clear one-line errors."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from zigzag_viz.evaluation.metrics import rouge_l
 from zigzag_viz.evaluation.prompts import passkey_prompt
+from zigzag_viz.pipeline.budgets import budget_curves
 
 
 def run_cli(*args, stdin=None):
@@ -31,14 +35,24 @@ def test_analyze_json_contract(prompt_file):
     out = run_cli("analyze", "--model", "tiny", "--prompt-file", str(path), "--window", "16", "--tau", "0.9", "--json")
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
-    assert data["model"] == "tiny" and data["n_tokens"] > 500
+    n = data["n_tokens"]
+    assert data["model"] == "tiny" and n > 500
     assert [layer["layer"] for layer in data["layers"]] == [0, 1, 2, 3]
     for layer in data["layers"]:
         assert set(layer) == {"layer", "entropy", "lmba", "hidden_change"}
-        assert 0 < layer["lmba"] <= 1 and layer["entropy"] > 0
+        # LMBA is a mean over the 4 query heads of (keys needed for 90 % of the mass) / n; the top ⌈0.9 n⌉ keys
+        # always hold 90 % of it, so no head needs more
+        heads_keys = layer["lmba"] * 4 * n
+        assert heads_keys == pytest.approx(round(heads_keys), abs=1e-6)
+        assert 1 / n <= layer["lmba"] <= math.ceil(0.9 * n) / n
+        assert 0 < layer["entropy"] <= math.log(n)  # nats over at most n keys
     assert set(data["budgets"]) == {"zigzag", "pyramid", "uniform"}
     for budgets in data["budgets"].values():
-        assert len(budgets) == 4 and sum(budgets) == round(4 * 0.2 * data["n_tokens"])
+        assert len(budgets) == 4 and sum(budgets) == round(4 * 0.2 * n)
+    # the ZigZag budgets are those of the reported LMBA signal
+    expected = budget_curves(np.array([layer["lmba"] for layer in data["layers"]]), 0.2, n, 16,
+                             caps=np.array(data["layer_caps"]))
+    assert data["budgets"] == {name: curve.tolist() for name, curve in expected.items()}
 
 
 @pytest.mark.slow
@@ -56,13 +70,18 @@ def test_compare_json_contract_on_smollm2_from_stdin(prompt_file):
         assert {"method", "text", "kv_bytes", "kv_fraction", "token_agreement", "first_divergence"} <= set(row)
         assert {"mode", "rouge_l", "kl_mean", "top1_agreement", "task_score", "prefill_s", "analysis_s",
                 "decode_s", "ms_per_token"} <= set(row)
-        assert row["mode"] == "aware" and 0.0 <= row["rouge_l"] <= 1.0 and row["ms_per_token"] > 0
+        assert row["mode"] == "aware" and row["ms_per_token"] > 0
     assert rows[0]["rouge_l"] == 1.0 and rows[0]["analysis_s"] == 0.0 and rows[1]["analysis_s"] > 0
     assert rows[0]["kv_fraction"] == 1.0 and rows[0]["token_agreement"] == 1.0 and rows[0]["first_divergence"] is None
     assert answer in rows[0]["text"]
+    reference = rows[0]["token_ids"]
     for row in rows[1:]:
         assert row["kv_fraction"] == pytest.approx(0.2, abs=0.01)
         assert row["kv_bytes"] == round(row["kv_fraction"] * rows[0]["kv_bytes"])
+        # the agreement and ROUGE-L against the full-KV answer, recomputed from the reported tokens and texts
+        same = sum(a == b for a, b in zip(reference, row["token_ids"]))
+        assert row["token_agreement"] == pytest.approx(same / max(len(reference), len(row["token_ids"])), abs=1e-6)
+        assert row["rouge_l"] == pytest.approx(rouge_l(rows[0]["text"], row["text"]), abs=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -112,12 +131,16 @@ def test_compare_context_mode_with_a_question_and_an_export(prompt_file, tmp_pat
     assert len(zigzag_map) == 4 and len(zigzag_map[0]) == len(whole["kept_map"]["bin_edges"]) - 1
 
 
-def test_a_prompt_file_loses_only_its_final_newline(tmp_path):
+def test_a_prompt_file_with_or_without_its_final_newline_gives_the_same_prompt(tmp_path):
     from zigzag_viz.cli import read_prompt
 
-    path = tmp_path / "p.txt"
-    path.write_text("first paragraph\n\n  question?  \n\n")
-    assert read_prompt(str(path)) == "first paragraph\n\n  question?  "
+    text = "first paragraph\n\n  question?  "  # inner blank lines and spaces are part of the prompt
+    prompts = []
+    for name, ending in (("bare", ""), ("unix", "\n"), ("windows", "\r\n")):
+        path = tmp_path / f"{name}.txt"
+        path.write_bytes((text + ending).encode())
+        prompts.append(read_prompt(str(path)))
+    assert prompts == [text] * 3
 
 
 def test_analyze_adds_heads_tokens_and_lmbo_without_changing_the_contract(prompt_file):
@@ -128,7 +151,12 @@ def test_analyze_adds_heads_tokens_and_lmbo_without_changing_the_contract(prompt
     data = json.loads(out.stdout)
     n = data["n_tokens"]
     assert {"model", "n_tokens", "layers", "budgets"} <= set(data)
-    assert all(0 < layer["lmbo"] <= 1 for layer in data["layers"])
+    # LMBO is the first grid fraction whose window-output cosine reaches 0.99 (1.0 when none does)
+    for layer, cosines in zip(data["layers"], data["lmbo_cos"]):
+        assert layer["lmbo"] == next((f for f, c in zip(data["lmbo_grid"], cosines) if c >= 0.99), 1.0)
+    # the per-layer signals are the means of the per-head ones
+    for layer, entropy, lmba in zip(data["layers"], data["heads"]["entropy"], data["heads"]["lmba"]):
+        assert layer["entropy"] == pytest.approx(np.mean(entropy)) and layer["lmba"] == pytest.approx(np.mean(lmba))
     assert len(data["heads"]["entropy"]) == 4 and len(data["heads"]["entropy"][0]) == 4
     assert data["heads"]["kv_group"] == [0, 0, 1, 1]
     bins = len(data["tokens"]["bin_texts"])

@@ -69,9 +69,9 @@ def test_context_mode_compresses_only_the_context(tiny):
     context = compare(tiny, prompt.text, "full,uniform", budget=0.3, max_new_tokens=6, window=16, mode="context")
     question_tokens = context.n_tokens - context.n_context
     assert aware.n_context == aware.n_tokens == context.n_tokens and aware.question is None
-    assert context.question == "What is the pass key? Answer with the number only."
+    assert context.question == prompt.text.rsplit("\n\n", 1)[1]  # the prompt's last paragraph
     assert 10 < question_tokens < 30
-    assert "".join(context.prompt_tokens[context.n_context :]).startswith("What is the pass key")
+    assert "".join(context.prompt_tokens[context.n_context :]).startswith(context.question)
     assert sum(context.results[1].layer_budgets) == round(4 * 0.3 * context.n_context)
     # The full-KV answer does not depend on where the question is fed (same cache, same positions).
     assert context.results[0].token_ids == aware.results[0].token_ids
@@ -103,7 +103,9 @@ def test_timing_fields_and_the_whole_comparison_json(tiny):
     assert set(data["kept_map"]["methods"]) == {"full", "zigzag", "kivi"}
     edges = data["kept_map"]["bin_edges"]
     assert edges[-1] == result.n_context and len(data["kept_map"]["bin_texts"]) == len(edges) - 1
-    assert data["answer_positions"] and all(p < result.n_context for p in data["answer_positions"])
+    assert all(p < result.n_context for p in data["answer_positions"])
+    # the needle states the pass key twice, and those are the tokens marked
+    assert "".join(result.prompt_tokens[p] for p in data["answer_positions"]).count(prompt.answer) == 2
     for row in data["results"]:
         assert {"token_ids", "rouge_l", "prefill_s", "analysis_s", "decode_s", "ms_per_token", "mode", "kl_mean",
                 "top1_agreement", "kv_bytes", "kv_fraction", "task_score", "first_divergence"} <= set(row)
@@ -117,6 +119,7 @@ def test_bad_mode_and_missing_question_are_user_errors(tiny):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # nine decodes on SmolLM2: about 3 minutes on a busy 2-core CPU
 @pytest.mark.parametrize("mode", ["aware", "context"])
 def test_smollm2_both_modes_identity_and_destruction(smollm2, mode):
     prompt = example_prompt()
@@ -135,7 +138,7 @@ def test_smollm2_kept_map_shows_where_the_needle_went(smollm2):
     heads of some deep layers (on SmolLM2 layers 15–22) and the answer survives; recency keeps none of it."""
     prompt = example_prompt()
     result = compare(smollm2, prompt.text, "full,uniform,streaming", budget=0.3, max_new_tokens=12, answer=prompt.answer)
-    assert result.answer_positions
+    assert "".join(result.prompt_tokens[p] for p in result.answer_positions).count(prompt.answer) == 2
     needle = {r.method: float(r.kept_map[:, result.answer_positions].mean()) for r in result.results}
     assert needle["full"] == 1.0
     per_layer = result.results[1].kept_map[:, result.answer_positions].mean(axis=1)

@@ -74,9 +74,17 @@ def test_compare_reports_every_method_against_full(tiny):
     result = compare(tiny, prompt.text, "full,zigzag,pyramid,uniform", budget=0.3, max_new_tokens=8, window=16)
     rows = {r.method: r for r in result.results}
     assert rows["full"].kv_fraction == 1.0 and rows["full"].first_divergence is None
+    assert rows["full"].token_agreement == 1.0
+    reference = rows["full"].token_ids
     for name in ("zigzag", "pyramid", "uniform"):
         assert rows[name].kv_fraction == pytest.approx(0.3, abs=0.01)
-        assert 0.0 <= rows[name].token_agreement <= 1.0
+        tokens = rows[name].token_ids
+        same = sum(a == b for a, b in zip(reference, tokens))
+        assert rows[name].token_agreement == same / max(len(reference), len(tokens))
+        diverged = next((i for i, (a, b) in enumerate(zip(reference, tokens)) if a != b), None)
+        if diverged is None and len(reference) != len(tokens):
+            diverged = min(len(reference), len(tokens))
+        assert rows[name].first_divergence == diverged
         assert sum(rows[name].layer_budgets) == round(4 * 0.3 * result.n_tokens)
     assert np.isclose(result.table()["kv_fraction"].iloc[0], 1.0)
 
@@ -96,7 +104,8 @@ def test_a_destructive_budget_shows_kl_above_zero(tiny):
     full, *compressed = result.results
     assert full.kl_mean == 0.0 and full.top1_agreement == 1.0
     for row in compressed:
-        assert row.kl_curve[0] == 0.0  # the first token comes from the uncompressed prefill
+        # the first token comes from the uncompressed prefill
+        assert row.kl_curve[0] == 0.0 and row.top1_curve[0] == 1.0
         assert row.kl_mean > 0.0
         assert {"kl_mean", "top1_agreement", "kl_curve", "top1_curve"} <= set(row.to_json())
 
@@ -107,5 +116,6 @@ def test_kl_and_top1_helpers():
     a = np.array([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     b = np.array([[2.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
     kl = kl_per_step(a, b)
-    assert kl[0] == pytest.approx(0.0, abs=1e-12) and kl[1] > 0
+    # step 1: p = softmax(0, 1, 0), q = softmax(1, 0, 0) share a normaliser, so KL = p1 - p0 = (e - 1) / (e + 2)
+    assert kl.tolist() == pytest.approx([0.0, (np.e - 1) / (np.e + 2)], abs=1e-12)
     assert top1_per_step(a, b).tolist() == [1.0, 0.0]

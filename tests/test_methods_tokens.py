@@ -66,8 +66,13 @@ def test_adakv_stores_heads_of_different_lengths_without_padding(prefilled, tiny
     head_dim = tiny.config.hidden_size // tiny.num_query_heads
     expected = sum(2 * sum(entry.head_lengths()) * head_dim * 4 for entry in cache.layers)
     assert kvcache.kv_bytes(cache) == expected
-    tokens, _ = runtime.greedy_decode(tiny, cache, prefilled.next_logits, prefilled.n_tokens, 6)
-    assert len(tokens) >= 1
+    tokens, logits = runtime.greedy_decode(tiny, cache, prefilled.next_logits, prefilled.n_tokens, 6)
+    # six tokens unless an end-of-sequence token stops it earlier; the first comes from the prefill's logits
+    stops = [i for i, token in enumerate(tokens) if token in tiny.eos_token_ids]
+    assert len(tokens) == (stops[0] + 1 if stops else 6) and len(logits) == len(tokens)
+    assert tokens[0] == int(prefilled.next_logits.argmax())
+    # each token but the last was fed through the cache: every head grew by one entry per fed token
+    assert layer.head_lengths() == [length + len(tokens) - 1 for length in lengths]
     extra = torch.tensor([[500, 600, 700]])
     together = runtime.forward_tokens(tiny, kvcache.clone(cache), extra, prefilled.n_tokens)
     stepwise_cache = kvcache.clone(cache)
