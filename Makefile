@@ -46,6 +46,7 @@ bench: install
 	$(PY) benchmarks/app_latency.py --model smollm2
 	$(PY) benchmarks/compare_cache.py --model smollm2
 	$(PY) benchmarks/method_quality.py --model smollm2
+	$(PY) benchmarks/load_time.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache tests/artifacts
