@@ -59,7 +59,7 @@ def test_per_head_attention_reads_each_heads_own_keys():
     out = view.attend(None, query, 0.3)
     first = grouped_attention(query[:, :2], keys[:, :1, 3:], values[:, :1, 3:], 0.3)
     second = grouped_attention(query[:, 2:], keys[:, 1:], values[:, 1:], 0.3)
-    assert torch.equal(out, torch.cat([first, second], dim=2))
+    assert (out - torch.cat([first, second], dim=2)).abs().max().item() <= 1e-6
 
 
 def test_last_tokens_trims_consecutive_segments_and_copies_only_what_it_cuts():

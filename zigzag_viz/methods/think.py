@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..pipeline import cache as kvcache
-from ..pipeline.attention import attend_scores, grouped_queries, grouped_scores
+from ..pipeline.attention import grouped_queries, grouped_scores, softmax_values, ungrouped
 from ..errors import InputError
 from .base import CompressionMethod, CompressionReport, Parameter, register
 
@@ -38,7 +38,8 @@ class ThinkView(kvcache.CacheView):
         scores = torch.cat(
             [grouped_scores(q_pruned, self.pruned_keys, scaling), grouped_scores(q, self.new_keys, scaling)], dim=-1
         )
-        return attend_scores(scores, self.values, query.shape[2], self.sliding_window).to(query.dtype)
+        q_len = query.shape[2]
+        return ungrouped(softmax_values(scores, self.values, q_len, self.sliding_window), q_len).to(query.dtype)
 
 
 class ThinkLayer(kvcache.CompressedLayer):

@@ -80,20 +80,21 @@ def ungrouped(grouped_output: torch.Tensor, q_len: int) -> torch.Tensor:
     return grouped_output.reshape(batch, num_kv * (rows // q_len), q_len, dim).transpose(1, 2)
 
 
-def attend_scores(
+def softmax_values(
     scores: torch.Tensor, values: torch.Tensor, q_len: int, sliding_window: int | None = None
 ) -> torch.Tensor:
-    """Float32 output (B, q, H_q, d_v) of grouped scores (B, H_kv, g·q, k) over values (B, H_kv, k, d_v):
-    masked (bottom-right causal, sliding window), softmax over the keys, weighted sum of the values."""
+    """Float32 grouped output (…, g·q, d_v) of grouped scores (…, g·q, k) over values (…, k, d_v): masked
+    (bottom-right causal, sliding window), softmax over the keys, weighted sum of the values."""
     probabilities = torch.softmax(masked_scores(scores, q_len, sliding_window), dim=-1)
-    return ungrouped(torch.matmul(probabilities, values.float()), q_len)
+    return torch.matmul(probabilities, values.float())
 
 
 def grouped_attention(query, keys, values, scaling: float, sliding_window: int | None = None) -> torch.Tensor:
     """Attention of new queries (B, H_q, q, d) over stored keys (B, H_kv, k, d) and values (B, H_kv, k, d_v) →
     (B, q, H_q, d_v) in the query's dtype; float32 math, bottom-right causal, KV heads read by groups of query heads."""
+    q_len = query.shape[2]
     scores = grouped_scores(grouped_queries(query, keys.shape[1]), keys, scaling)
-    return attend_scores(scores, values, query.shape[2], sliding_window).to(query.dtype)
+    return ungrouped(softmax_values(scores, values, q_len, sliding_window), q_len).to(query.dtype)
 
 
 def zigzag_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

@@ -14,7 +14,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from ..errors import InputError
-from .attention import grouped_attention
+from .attention import grouped_queries, grouped_scores, softmax_values, ungrouped
 
 
 class CacheView:
@@ -76,12 +76,13 @@ class PerHeadView(CacheView):
         self.keys, self.values = keys, values
 
     def attend(self, module, query, scaling):
-        group_queries = query.split(query.shape[1] // len(self.keys), dim=1)
+        q_len = query.shape[2]
+        grouped = grouped_queries(query, len(self.keys))  # (B, H_kv, g·q_len, d)
         outputs = [
-            grouped_attention(q, keys[None, None], values[None, None], scaling)
-            for q, keys, values in zip(group_queries, self.keys, self.values)
+            softmax_values(grouped_scores(grouped[:, head], keys, scaling), values, q_len)  # (B, g·q_len, d_v)
+            for head, (keys, values) in enumerate(zip(self.keys, self.values))
         ]
-        return torch.cat(outputs, dim=2)
+        return ungrouped(torch.stack(outputs, dim=1), q_len).to(query.dtype)
 
 
 class PerHeadLayer(CompressedLayer):
