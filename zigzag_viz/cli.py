@@ -17,8 +17,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 from .pipeline.capture import SIGNALS  # noqa: E402
 from .errors import InputError, UserError  # noqa: E402
-
-DEFAULT_METHODS = "full,zigzag,pyramid,uniform"
+from .serving.api import (  # noqa: E402
+    DEFAULT_METHODS, AnalyzeOptions, CompareOptions, analysis_report, comparison_rows, configured_token, methods_listing,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,6 +75,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise InputError(f"a port is at most 65535, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="zigzag-viz", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -84,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--window", type=_positive_int, default=32, help="observation window w (tokens)")
         sub.add_argument("--budget", type=_fraction, default=0.2, help="kept fraction of the prompt, in (0, 1]")
         sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        sub.add_argument("--backend", default=None, metavar="URL",
+                         help="run on the model server at URL (zigzag-viz serve) instead of here")
+        sub.add_argument("--token-file", default=None, metavar="PATH",
+                         help="the backend's token, first line of PATH (default: ZIGZAG_VIZ_TOKEN)")
 
     analyze = commands.add_parser("analyze", help="per-layer uncertainty signals and budgets")
     common(analyze)
@@ -106,95 +118,84 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--export", default=None, metavar="PATH",
                          help="also write the whole comparison (settings, rows, kept-token maps) as JSON to PATH")
 
-    commands.add_parser("methods", help="list the compression methods and their parameters")
+    methods = commands.add_parser("methods", help="list the compression methods and their parameters")
+    methods.add_argument("--json", action="store_true", help="print JSON (what the server's GET /methods gives)")
+
+    serve = commands.add_parser("serve", help="serve models over HTTP for analyze and compare --backend")
+    serve.add_argument("--model", action="append", required=True, help="a model to load and serve (repeat for more)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (beyond loopback only with a token)")
+    serve.add_argument("--port", type=_port, default=8765)
+    serve.add_argument("--token-file", default=None, metavar="PATH",
+                       help="bearer token, first line of PATH (default: ZIGZAG_VIZ_TOKEN, else a new random token "
+                            "printed once and written under the cache folder)")
     return parser
 
 
+def _backend(args):
+    from .serving.client import Backend
+
+    return Backend(args.backend, configured_token(args.token_file))
+
+
 def run_analyze(args) -> dict:
-    from .evaluation.runner import Runner
-    from .pipeline.budgets import budget_curves
-    from .pipeline.capture import LMBO_GRID, bin_columns, bin_edges, bin_texts
+    """What `analyze --json` prints, computed here or on the backend."""
+    options = AnalyzeOptions(args.model, read_prompt(args.prompt_file), args.window, args.budget, args.tau,
+                             args.signal, args.heads, args.tokens, args.deep).check()
+    if args.backend:
+        with _backend(args) as backend:
+            return backend.analyze(options)
     from .pipeline.models import load_model
 
-    text = read_prompt(args.prompt_file)
-    if args.signal == "lmbo" and not args.deep:
-        raise InputError("--signal lmbo needs --deep")
-    loaded = load_model(args.model)
-    pre = Runner(loaded).analyze(text, args.window, deep=args.deep)
-    ids = pre.input_ids
-    a = pre.analysis
-    signals = {name: a.layer_signal(name, tau=args.tau) for name in ("entropy", "lmba", "hidden")}
-    if args.deep:
-        signals["lmbo"] = a.lmbo()
-    layers = []
-    for i in range(a.num_layers):
-        row = {"layer": i, "entropy": float(signals["entropy"][i]), "lmba": float(signals["lmba"][i]),
-               "hidden_change": float(signals["hidden"][i])}
-        if args.deep:
-            row["lmbo"] = float(signals["lmbo"][i])
-        layers.append(row)
-    curves = budget_curves(signals[args.signal], args.budget, a.n_tokens, a.window, caps=a.layer_caps)
-    result = {
-        "model": loaded.name,
-        "n_tokens": a.n_tokens,
-        "layers": layers,
-        "budgets": {k: [int(b) for b in v] for k, v in curves.items()},
-        "signal": args.signal,
-        "window": a.window,
-        "layer_caps": a.layer_caps.tolist(),
-        "prefill_s": round(pre.seconds, 4),
-    }
-    if args.heads:
-        result["heads"] = {
-            "entropy": a.entropy.tolist(), "entropy_norm": a.entropy_norm.tolist(),
-            "lmba": a.lmba(args.tau).tolist(), "kv_group": a.kv_group.tolist(),
-        }
-    if args.tokens:
-        edges = bin_edges(a.n_tokens)
-        result["tokens"] = {
-            "bin_edges": edges.tolist(),
-            "bin_texts": bin_texts(loaded.token_texts(ids[0]), edges),
-            "importance": bin_columns(a.token_importance(), edges).tolist(),
-            "hidden_change": bin_columns(a.hidden_change, edges, "mean").tolist(),
-        }
-    if args.deep:
-        result["lmbo_grid"] = list(LMBO_GRID)
-        result["lmbo_cos"] = a.lmbo_cos.tolist()
-    return result
+    return analysis_report(load_model(options.model), options)
 
 
 def run_compare(args) -> list[dict]:
-    from .evaluation.runner import Runner
-    from .methods import parse_specs
-    from .pipeline.models import load_model
+    """What `compare --json` prints, computed here or on the backend; writes the export when asked."""
+    options = CompareOptions(args.model, read_prompt(args.prompt_file), args.methods, args.budget,
+                             args.max_new_tokens, args.window, args.answer, args.mode, args.question).check()
+    if args.backend:
+        with _backend(args) as backend:
+            result = backend.compare(options, None if args.json else _progress_printer())
+        rows, export = result["rows"], lambda: result["comparison"]
+    else:
+        from .evaluation.runner import Runner
+        from .pipeline.models import load_model
 
-    methods = parse_specs(args.methods)
-    text = read_prompt(args.prompt_file)
-    runner = Runner(load_model(args.model))
-    request = runner.request(text, methods, args.budget, args.mode, args.question, args.window, args.max_new_tokens,
-                             args.answer)
-    result = runner.compare(request)
+        runner = Runner(load_model(options.model))
+        comparison = runner.compare(options.request(runner))
+        rows, export = comparison_rows(comparison), comparison.to_json
     if args.export:
         try:
-            Path(args.export).write_text(json.dumps(result.to_json()), encoding="utf-8")
+            Path(args.export).write_text(json.dumps(export()), encoding="utf-8")
         except OSError as exc:
             raise InputError(f"cannot write {args.export}: {exc.strerror or exc}") from None
-    return [r.to_json() for r in result.results]
+    return rows
 
 
-def _methods_listing() -> list[dict]:
-    from .methods import METHODS
+def _progress_printer():
+    """A job progress callback printing each new step on stderr."""
+    last = None
 
-    return [
-        {
-            "method": name,
-            "compresses": cls.compresses,
-            "summary": cls.summary,
-            "paper": cls.paper,
-            "parameters": {k: {"default": p.default, "help": p.help} for k, p in cls.parameters.items()},
-        }
-        for name, cls in METHODS.items()
-    ]
+    def show(job: dict) -> None:
+        nonlocal last
+        progress = job["progress"]
+        if job["status"] == "queued":
+            line = f"queued: {progress['queue_position']} job(s) ahead"
+        else:
+            line = f"{progress['fraction']:4.0%} {progress['message']}"
+        if line != last:
+            print(line, file=sys.stderr, flush=True)
+            last = line
+
+    return show
+
+
+def run_serve(args) -> None:
+    from .pipeline.models import load_model
+    from .serving.server import serve, server_token
+
+    token = server_token(args.token_file, args.host)
+    serve([load_model(name) for name in dict.fromkeys(args.model)], token, args.host, args.port)
 
 
 def _print_table(rows: list[dict], columns: list[str]) -> None:
@@ -209,13 +210,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.command == "methods":
-            listing = _methods_listing()
+            listing = methods_listing()
+            if args.json:
+                print(json.dumps(listing))
+                return 0
             for row in listing:
                 params = ", ".join(f"{k}={v['default']}" for k, v in row["parameters"].items())
                 print(f"{row['method']:<10} {row['summary']}" + (f"  [{params}]" if params else ""))
             return 0
         _quiet_libraries()
-        if args.command == "analyze":
+        if args.command == "serve":
+            run_serve(args)
+        elif args.command == "analyze":
             result = run_analyze(args)
             if args.json:
                 print(json.dumps(result))
