@@ -47,6 +47,7 @@ bench: install
 	$(PY) benchmarks/compare_cache.py --model smollm2
 	$(PY) benchmarks/method_quality.py --model smollm2
 	$(PY) benchmarks/load_time.py
+	$(PY) benchmarks/backend_overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache tests/artifacts
