@@ -3,7 +3,6 @@
 import json
 from collections import Counter
 
-import numpy as np
 import pytest
 import torch
 
@@ -123,6 +122,7 @@ def test_budget_one_keeps_everything_and_trains_nothing(tiny, prefilled):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # trains the kernels on SmolLM2 first
 def test_less_on_smollm2_in_both_modes(smollm2):
     prompt = passkey_prompt(n_sentences=40, depth=0.4, seed=31)
     for mode in ("aware", "context"):
@@ -131,7 +131,7 @@ def test_less_on_smollm2_in_both_modes(smollm2):
         full, uniform, less = result.results
         assert full.task_score == 1.0
         assert less.kv_fraction == pytest.approx(uniform.kv_fraction, abs=0.01) and less.kv_fraction > uniform.kv_fraction
-        assert np.isfinite(less.kl_mean) and len(less.token_ids) >= 1
+        assert len(less.kl_curve) == len(full.token_ids)  # teacher-forced along the full-KV answer
         assert less.kept_map.sum(axis=1).tolist() == pytest.approx(less.layer_budgets)
 
 
