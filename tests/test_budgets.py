@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from zigzag_viz.pipeline.budgets import (
     budget_curves,
     fit_to_bounds,
+    kept_fraction,
     pyramid_budgets,
     uniform_budgets,
     zigzag_budgets,
@@ -94,3 +95,14 @@ def test_budget_curves_returns_the_three_rules():
     curves = budget_curves(np.array([0.5, 0.1, 0.9, 0.2]), 0.25, 400, 16)
     assert set(curves) == {"zigzag", "pyramid", "uniform"}
     assert all(c.sum() == 400 for c in curves.values())
+
+
+@pytest.mark.parametrize("value", ["abc", "", None, True, float("nan"), float("inf"), -float("inf"), -1, 0, 0.0, 1.0001, "1e9", [0.2]])
+def test_kept_fraction_refuses_what_is_not_a_fraction(value):
+    with pytest.raises(BudgetError, match=r"^tau must be a number in \(0, 1\]"):
+        kept_fraction(value, "tau")
+
+
+@pytest.mark.parametrize(("value", "expected"), [("0.2", 0.2), (1, 1.0), ("1", 1.0), (1e-6, 1e-6), (np.float32(0.5), 0.5)])
+def test_kept_fraction_accepts_numbers_and_their_text(value, expected):
+    assert kept_fraction(value) == pytest.approx(expected)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+from .pipeline.budgets import kept_fraction  # noqa: E402
 from .pipeline.capture import SIGNALS  # noqa: E402
 from .errors import InputError, UserError  # noqa: E402
 from .serving.api import (  # noqa: E402
@@ -55,16 +55,6 @@ def read_prompt(path: str) -> str:
     return text.rstrip("\r\n")  # a text file's final newline is not part of the prompt
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise InputError(f"budget must be a number in (0, 1], got {text!r}") from None
-    if not math.isfinite(value) or not 0.0 < value <= 1.0:
-        raise InputError(f"budget must be a number in (0, 1], got {text}")
-    return value
-
-
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -90,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--model", default="smollm2", help="smollm2 (embedded), tiny, or a local folder")
         sub.add_argument("--prompt-file", required=True, help="text file with the prompt, or - for standard input")
         sub.add_argument("--window", type=_positive_int, default=32, help="observation window w (tokens)")
-        sub.add_argument("--budget", type=_fraction, default=0.2, help="kept fraction of the prompt, in (0, 1]")
+        sub.add_argument("--budget", type=kept_fraction, default=0.2, help="kept fraction of the prompt, in (0, 1]")
         sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
         sub.add_argument("--backend", default=None, metavar="URL",
                          help="run on the model server at URL (zigzag-viz serve) instead of here")
@@ -99,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     analyze = commands.add_parser("analyze", help="per-layer uncertainty signals and budgets")
     common(analyze)
-    analyze.add_argument("--tau", type=_fraction, default=0.9, help="attention mass LMBA must cover")
+    analyze.add_argument("--tau", type=lambda text: kept_fraction(text, "tau"), default=0.9, help="attention mass LMBA must cover")
     analyze.add_argument("--signal", choices=SIGNALS, default="lmba", help="layer uncertainty behind ZigZag budgets")
     analyze.add_argument("--heads", action="store_true", help="add per-head entropy and LMBA, and the GQA grouping")
     analyze.add_argument("--tokens", action="store_true", help="add the layer × token map (≤ 512 bins, with their text)")

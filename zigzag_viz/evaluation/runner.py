@@ -16,7 +16,6 @@ A `RowCache` keeps references and rows between calls (the app passes its Streaml
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import OrderedDict
@@ -28,7 +27,7 @@ import torch
 from ..errors import BudgetError, InputError
 from ..methods import CompressionContext, CompressionMethod, parse_specs
 from ..pipeline import runtime
-from ..pipeline.budgets import average_budget, check_feasible
+from ..pipeline.budgets import average_budget, check_feasible, kept_fraction
 from ..pipeline.capture import decoder_layers
 from ..pipeline.models import LoadedModel
 from .compare import MODES, Comparison, MethodResult, Reference, assemble, method_row, prefill_reference
@@ -132,14 +131,23 @@ def _methods(methods: str | Sequence[CompressionMethod | str]) -> tuple[Compress
     return tuple(parsed)
 
 
-def _budget(value) -> float:
-    try:
-        fraction = float(value)
-    except (TypeError, ValueError):
-        raise BudgetError(f"budget must be a number in (0, 1], got {value!r}") from None
-    if not math.isfinite(fraction) or not 0.0 < fraction <= 1.0:
-        raise BudgetError(f"budget must be a fraction in (0, 1], got {value!r}")
-    return fraction
+def check_settings(
+    methods: str | Sequence[CompressionMethod | str], budgets: float | Sequence[float], mode: str, window: int,
+    max_new_tokens: int,
+) -> tuple[tuple[CompressionMethod, ...], tuple[float, ...]]:
+    """The parsed methods and kept fractions, or UserError for the first setting that cannot run on any model
+    (what can be checked without a tokenizer: the model server answers 422 with it before queuing a job)."""
+    parsed = _methods(methods)
+    if mode not in MODES:
+        raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r:.40}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise InputError(f"window must be a whole number of tokens ≥ 1, got {window!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise InputError(f"max_new_tokens must be a whole number in [1, {MAX_NEW_TOKENS}], got {max_new_tokens!r}")
+    fractions = tuple(kept_fraction(b) for b in (budgets if isinstance(budgets, (list, tuple)) else [budgets]))
+    if not fractions:
+        raise BudgetError("no budget given")
+    return parsed, fractions
 
 
 def expected_layer_caps(loaded: LoadedModel, n_tokens: int) -> list[int]:
@@ -185,16 +193,7 @@ class Runner:
     ) -> Request:
         """Check everything that can be checked before the prefill (methods, mode, settings, prompt length,
         each budget against the window and the compressed tokens) and return the request; raises UserError."""
-        methods = _methods(methods)
-        if mode not in MODES:
-            raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise InputError(f"window must be a whole number of tokens ≥ 1, got {window!r}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
-            raise InputError(f"max_new_tokens must be a whole number in [1, {MAX_NEW_TOKENS}], got {max_new_tokens!r}")
-        fractions = tuple(_budget(b) for b in (budgets if isinstance(budgets, (list, tuple)) else [budgets]))
-        if not fractions:
-            raise BudgetError("no budget given")
+        methods, fractions = check_settings(methods, budgets, mode, window, max_new_tokens)
         text, asked = prompt, None
         if mode == "context" or (question and question.strip()):
             _, asked, text = split_question(prompt, question)

@@ -7,6 +7,8 @@ B_l in [min(w, cap_l), cap_l], where cap_l is what layer l can hold: n, or its s
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..errors import BudgetError
@@ -23,11 +25,23 @@ def bounds(num_layers: int, n_tokens: int, window: int, caps=None) -> tuple[np.n
     return np.minimum(window, high), high
 
 
+def kept_fraction(value, name: str = "budget") -> float:
+    """`value` (a number or its text) as a float in (0, 1]; BudgetError naming `name` for anything else
+    (text that is not a number, NaN, ±inf, 0, negative, > 1, bool). The one check every caller uses."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        fraction = float(value)
+    except (TypeError, ValueError):
+        raise BudgetError(f"{name} must be a number in (0, 1], got {value!r:.40}") from None
+    if not math.isfinite(fraction) or not 0.0 < fraction <= 1.0:
+        raise BudgetError(f"{name} must be a number in (0, 1], got {value!r:.40}")
+    return fraction
+
+
 def average_budget(fraction: float, n_tokens: int) -> float:
     """Average tokens per layer for a kept fraction 0 < fraction ≤ 1 of an n-token prompt."""
-    if not isinstance(fraction, (int, float)) or not 0.0 < float(fraction) <= 1.0:
-        raise BudgetError(f"budget must be a fraction in (0, 1], got {fraction!r}")
-    return float(fraction) * n_tokens
+    return kept_fraction(fraction) * n_tokens
 
 
 def check_feasible(num_layers: int, avg_budget: float, n_tokens: int, window: int, caps=None) -> int:

@@ -8,22 +8,17 @@ options become; `analysis_report` is what `zigzag-viz analyze --json` prints, `c
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from ..pipeline.budgets import kept_fraction
 from ..pipeline.capture import SIGNALS
 
 DEFAULT_METHODS = "full,zigzag,pyramid,uniform"
 TOKEN_ENV = "ZIGZAG_VIZ_TOKEN"
-
-
-def _fraction(name: str, value: float) -> None:
-    if not math.isfinite(value) or not 0.0 < value <= 1.0:
-        raise InputError(f"{name} must be a number in (0, 1], got {value:g}")
 
 
 def _whole(name: str, value: int) -> None:
@@ -96,8 +91,8 @@ class AnalyzeOptions(_Options):
         _text("model name", self.model)
         _text("prompt", self.prompt)
         _whole("window", self.window)
-        _fraction("budget", self.budget)
-        _fraction("tau", self.tau)
+        kept_fraction(self.budget)
+        kept_fraction(self.tau, "tau")
         if self.signal not in SIGNALS:
             raise InputError(f"signal must be one of {', '.join(SIGNALS)}, got {self.signal!r:.40}")
         if self.signal == "lmbo" and not self.deep:
@@ -121,18 +116,13 @@ class CompareOptions(_Options):
     question: str | None = None
 
     def check(self) -> CompareOptions:
-        """These options, or InputError for the first that cannot run on any model (the runner checks the rest)."""
-        from ..evaluation.compare import MODES
-        from ..methods import parse_specs
+        """These options, or UserError for the first that cannot run on any model (the runner's own model-free
+        checks; `request` checks the rest against the model's tokenizer and layers)."""
+        from ..evaluation.runner import check_settings
 
         _text("model name", self.model)
         _text("prompt", self.prompt)
-        _whole("window", self.window)
-        _whole("max_new_tokens", self.max_new_tokens)
-        _fraction("budget", self.budget)
-        if self.mode not in MODES:
-            raise InputError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r:.40}")
-        parse_specs(self.methods)
+        check_settings(self.methods, self.budget, self.mode, self.window, self.max_new_tokens)
         return self
 
     def request(self, runner):
