@@ -8,6 +8,8 @@ from zigzag_viz.presentation import charts, ui
 from zigzag_viz.pipeline.budgets import budget_curves
 from zigzag_viz.pipeline.capture import bins_of
 from zigzag_viz.evaluation.prompts import EXAMPLES
+from zigzag_viz.presentation.views import ComparisonResult
+from zigzag_viz.serving.api import CompareOptions
 
 OWN_PROMPT = "type your own"
 MODES = {
@@ -21,7 +23,8 @@ st.title("Full KV vs compressed KV")
 
 with st.sidebar:
     st.header("Settings")
-    model_name = ui.model_picker()
+    backend = ui.backend_picker()
+    model_name = ui.model_picker(backend)
     budget = st.slider("Kept fraction of the prompt", 0.05, 1.0, 0.3, 0.05,
                        help="Average share of the compressed prompt's tokens each layer keeps")
     mode = st.radio("Setting", list(MODES), format_func=MODES.get, key="mode")
@@ -43,23 +46,24 @@ question = left.text_input("Question (optional)", key=f"question_{source}",
 answer = right.text_input("Known answer (optional, for the task score)", value=example.answer if example else "",
                           key=f"answer_{source}")
 
+if ui.was_cancelled():
+    st.info("Run cancelled; the results below are from the last finished run.")
 if st.button("Run", type="primary"):
     specs = tuple(dict.fromkeys(m.spec for m in methods))
-    if not specs:
+    if backend is None:
+        st.warning("Pick a backend that works in the sidebar first.")
+    elif not specs:
         st.warning("Pick at least one method.")
     elif not prompt.strip():
         st.warning("The prompt is empty: type some text or pick a bundled one.")
     elif not model_name:
         st.warning("Type a model folder or a cached model id.")
     else:
-        with st.status(f"Running {len(specs)} method(s) on {model_name}…", expanded=True) as status:
-            st.write("loading the model (once per server)")
-            loaded = ui.run_safely(lambda: ui.cached_model(model_name), "Loading the model")
-            result = loaded and ui.run_safely(
-                lambda: ui.run_comparison(model_name, prompt, specs, float(budget), int(window), int(max_new_tokens),
-                                          mode, question.strip() or None, answer.strip() or None),
-                "Comparison",
-            )
+        options = CompareOptions(model=model_name, prompt=prompt, methods=",".join(specs), budget=float(budget),
+                                 max_new_tokens=int(max_new_tokens), window=int(window), answer=answer.strip() or None,
+                                 mode=mode, question=question.strip() or None)
+        with st.status(f"Running {len(specs)} method(s) on {model_name} in {backend.where}…", expanded=True) as status:
+            result = ui.run_safely(lambda: ui.run_comparison(backend, options), "Comparison")
             if result:
                 st.session_state["comparison"] = result
                 status.update(label=f"Done: {result.comparison.n_tokens} prompt tokens, {len(specs)} method(s), "
@@ -71,7 +75,7 @@ if "comparison" not in st.session_state:
     st.info("Press **Run** to prefill the prompt, compress the cache with each method and decode beside full KV.")
     st.stop()
 
-shown: ui.ComparisonResult = st.session_state["comparison"]
+shown: ComparisonResult = st.session_state["comparison"]
 result = shown.comparison
 analysis = result.analysis
 compressed = (f"{result.n_context} context tokens compressed, {result.n_tokens - result.n_context} question tokens "

@@ -4,7 +4,6 @@ import streamlit as st
 
 from zigzag_viz.pipeline import capture
 from zigzag_viz.presentation import charts, ui
-from zigzag_viz.pipeline.models import EMBEDDED_MODELS
 from zigzag_viz.evaluation.prompts import example_prompt
 
 st.set_page_config(page_title="Uncertainty · zigzag_viz", page_icon=":material/insights:", layout="wide")
@@ -17,7 +16,8 @@ st.caption(
 
 with st.sidebar:
     st.header("Settings")
-    model_name = ui.model_picker()
+    backend = ui.backend_picker()
+    model_name = ui.model_picker(backend)
     window = st.number_input("Observation window w (tokens)", min_value=1, max_value=4096, value=32,
                              help="The last w queries are observed (clipped to the prompt length)")
     tau = st.slider("τ for LMBA", 0.50, 0.99, 0.90, 0.01, help="Attention mass the minimum budget must cover")
@@ -35,7 +35,7 @@ prompt = st.text_area("Prompt", value=example_prompt().text, height=180,
                       help="A pass key hidden in varied prose, by default")
 
 if st.button("Analyze", type="primary"):
-    result = ui.analyse(model_name, prompt, int(window), deep)
+    result = ui.analyse(backend, model_name, prompt, int(window), deep)
     if result is not None:
         st.session_state["uncertainty"] = result
 
@@ -84,7 +84,7 @@ ui.show_table(charts.layer_signals_table(analysis.entropy, analysis.entropy_norm
 st.subheader("Across models")
 st.caption("The same prompt and window on each model, LMBA drawn against relative depth: where the zig-zag sits "
            "differs from model to model.")
-choices = list(EMBEDDED_MODELS)
+choices = ui.model_names(backend)
 models = st.multiselect("Models to compare", choices, default=[m for m in ui.default_comparison_models() if m in choices],
                         max_selections=4)
 if st.button("Compare models"):
@@ -95,7 +95,7 @@ if st.button("Compare models"):
         bar = st.progress(0.0, text="analysing")
         for index, name in enumerate(models):
             bar.progress(index / len(models), text=f"{name} ({index + 1} of {len(models)})")
-            other = ui.analyse(name, prompt, int(window), False)
+            other = ui.analyse(backend, name, prompt, int(window), False)
             if other is not None:
                 found[name] = other
         bar.empty()

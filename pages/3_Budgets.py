@@ -6,6 +6,7 @@ import streamlit as st
 from zigzag_viz.pipeline import budgets, capture
 from zigzag_viz.presentation import charts, ui
 from zigzag_viz.evaluation.prompts import example_prompt
+from zigzag_viz.presentation.views import AnalysisResult
 
 st.set_page_config(page_title="Budgets · zigzag_viz", page_icon=":material/tune:", layout="wide")
 ui.page_style()
@@ -19,7 +20,8 @@ ELEMENT_SIZES = {"float32 (4 B)": 4, "bfloat16 / float16 (2 B)": 2, "8-bit (1 B)
 
 with st.sidebar:
     st.header("Analysis")
-    model_name = ui.model_picker()
+    backend = ui.backend_picker()
+    model_name = ui.model_picker(backend)
     window = st.number_input("Observation window w (tokens)", min_value=1, max_value=4096, value=32,
                              help="The last w queries score the tokens and the last w tokens are always kept; "
                                   "fixed by the analysis")
@@ -29,7 +31,7 @@ with st.sidebar:
 prompt = st.text_area("Prompt", value=example_prompt().text, height=150,
                       help="A pass key hidden in varied prose, by default")
 if st.button("Analyze", type="primary"):
-    result = ui.analyse(model_name, prompt, int(window), deep)
+    result = ui.analyse(backend, model_name, prompt, int(window), deep)
     if result is not None:
         st.session_state["budgets_analysis"] = result
         st.session_state.pop("budgets_curves", None)
@@ -42,7 +44,7 @@ if "budgets_analysis" not in st.session_state:
 @st.fragment
 def budget_panel() -> None:
     """Sliders and everything drawn from them: reruns alone, from the analysis kept in session_state."""
-    result: ui.AnalysisResult = st.session_state["budgets_analysis"]
+    result: AnalysisResult = st.session_state["budgets_analysis"]
     analysis = result.analysis
     n, w, caps = analysis.n_tokens, analysis.window, analysis.layer_caps
     low, _ = budgets.bounds(analysis.num_layers, n, w, caps)

@@ -1,8 +1,10 @@
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -88,6 +90,7 @@ def compare_with_eager():
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "tests" / "artifacts"
+SERVER_TOKEN = "test-token-0123456789"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -101,14 +104,50 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def app_url():
-    """The app served by `streamlit run` on a free local port, once for all browser tests.
+def start_server(model: str, token_file: Path) -> tuple[str, subprocess.Popen]:
+    """A `zigzag-viz serve --model MODEL` process on a free loopback port, healthy: (url, process)."""
+    import httpx
+
+    port = _free_port()
+    env = dict(os.environ, ZIGZAG_VIZ_DEVICE="cpu")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "zigzag_viz.cli", "serve", "--model", model, "--port", str(port),
+         "--token-file", str(token_file)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return url, server
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    server.kill()
+    pytest.fail("the server did not start:\n" + server.communicate(timeout=20)[0])
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A `zigzag-viz serve --model tiny` process for one test module, with the token SERVER_TOKEN in a file:
+    (url, token file, process). A test may kill it; its output never shows the token."""
+    token_file = tmp_path_factory.mktemp("served") / "token"
+    token_file.write_text(SERVER_TOKEN + "\n")
+    url, server = start_server("tiny", token_file)
+    yield url, token_file, server
+    if server.poll() is None:
+        server.kill()
+    output = server.communicate(timeout=20)[0]
+    assert SERVER_TOKEN not in output
+
+
+@contextlib.contextmanager
+def serving_app(**env_changes: str):
+    """The app served by `streamlit run` on a free local port, with `env_changes` in its environment: its URL.
 
     Ready when the server prints its URL (read from its output, which is kept for the failure message) and its
     health endpoint answers; a server that exits first fails at once."""
     port = _free_port()
-    env = dict(os.environ, ZIGZAG_VIZ_DEVICE="cpu", TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error")
+    env = dict(os.environ, ZIGZAG_VIZ_DEVICE="cpu", TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error", **env_changes)
     server = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
          "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
@@ -136,10 +175,19 @@ def app_url():
         server.kill()
         server.wait(timeout=20)
         pytest.fail("streamlit did not start:\n" + "".join(output))
-    yield url
-    server.terminate()
-    server.wait(timeout=20)
-    reader.join(timeout=20)
+    try:
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+        reader.join(timeout=20)
+
+
+@pytest.fixture(scope="session")
+def app_url():
+    """The app with its defaults (the model in its own process), once for all browser tests."""
+    with serving_app() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from zigzag_viz.evaluation.prompts import EXAMPLES
 from zigzag_viz.pipeline import runtime
 from zigzag_viz.pipeline.capture import LMBO_GRID
 from zigzag_viz.presentation import ui
+from zigzag_viz.presentation.views import AnalysisResult
 
 ROOT = Path(__file__).resolve().parents[1]
 UNCERTAINTY = str(ROOT / "pages" / "2_Uncertainty.py")
@@ -59,7 +60,7 @@ def test_uncertainty_page_draws_every_figure_and_the_table():
     assert list(table["layer"]) == [0, 1, 2, 3]
     assert {"entropy", "entropy_norm", "lmba", "hidden_change", "cap"} <= set(table.columns)
     assert "lmbo" not in table.columns
-    assert isinstance(at.session_state["uncertainty"], ui.AnalysisResult)
+    assert isinstance(at.session_state["uncertainty"], AnalysisResult)
 
     # display options redraw from the stored analysis
     at.toggle[0].set_value(True).run()

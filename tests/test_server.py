@@ -25,7 +25,7 @@ from zigzag_viz.serving.api import CompareOptions
 from zigzag_viz.serving.jobs import Job, JobStore
 from zigzag_viz.serving.server import Limits, create_app, server_token
 
-TOKEN = "test-token-0123456789"
+TOKEN = "test-token-0123456789"  # the `served` fixture's token (conftest.SERVER_TOKEN)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PROMPT = passkey_prompt(n_sentences=12, seed=7)
 OTHER_PROMPT = passkey_prompt(n_sentences=10, seed=8)
@@ -105,7 +105,8 @@ def test_every_endpoint_but_health_needs_the_token(client, method, path, headers
 def test_health_is_open_and_models_and_methods_mirror_the_cli(client, tiny, capsys):
     assert client.get("/health").json() == {"status": "ok"}
     models = client.get("/models", headers=AUTH).json()["models"]
-    assert models == [{"name": "tiny", "device": "cpu", "dtype": "float32", "layers": 4, "max_context": 4096, "jobs": 0}]
+    assert models == [{"name": "tiny", "device": "cpu", "dtype": "float32", "gpu_bytes_in_use": None,
+                       "gpu_bytes_total": None, "layers": 4, "max_context": 4096, "jobs": 0}]
     assert cli.main(["methods", "--json"]) == 0
     assert client.get("/methods", headers=AUTH).text == capsys.readouterr().out.strip()
 
@@ -352,35 +353,6 @@ def run_cli(*args, stdin=None, timeout=300):
     env.pop("ZIGZAG_VIZ_TOKEN", None)
     return subprocess.run([sys.executable, "-m", "zigzag_viz.cli", *args], input=stdin, capture_output=True,
                           text=True, env=env, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """A `zigzag-viz serve --model tiny` process on a free loopback port: (url, token file, process)."""
-    token_file = tmp_path_factory.mktemp("served") / "token"
-    token_file.write_text(TOKEN + "\n")
-    port = _free_port()
-    env = dict(os.environ, ZIGZAG_VIZ_DEVICE="cpu")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "zigzag_viz.cli", "serve", "--model", "tiny", "--port", str(port),
-         "--token-file", str(token_file)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and server.poll() is None:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        server.kill()
-        pytest.fail("the server did not start:\n" + server.communicate(timeout=20)[0])
-    yield url, token_file, server
-    if server.poll() is None:
-        server.kill()
-    output = server.communicate(timeout=20)[0]
-    assert TOKEN not in output
 
 
 def run_in_process(capsys, *args) -> tuple[int, str, str]:

@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
+import os
 import re
-from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from ..pipeline.capture import PromptAnalysis
-from ..evaluation.compare import Comparison, MethodResult, Reference
-from ..evaluation.runner import LruCache, Runner
 from ..errors import UserError
+from ..evaluation.runner import LruCache
 from ..methods import METHODS, CompressionMethod, Parameter, parse_specs
 from ..pipeline.models import EMBEDDED_MODELS, LoadedModel, load_model
+from ..serving.api import TOKEN_ENV, CompareOptions
+from .backends import Backend, InProcess, Remote, remote
+from .views import AnalysisResult, ComparisonResult
 
 T = TypeVar("T")
 
 CUSTOM_MODEL = "other (local folder or cached id)…"
+BACKEND_ENV = "ZIGZAG_VIZ_BACKEND"
+IN_PROCESS, SERVER = "this process", "model server"
 
 
 @st.cache_resource(show_spinner="Loading the model (once per server)…", max_entries=3)
@@ -28,8 +31,87 @@ def cached_model(name: str) -> LoadedModel:
     return load_model(name)
 
 
-def model_picker(key: str = "model") -> str:
-    """Model choice: the embedded models or a folder / cached id typed by the user."""
+@st.cache_resource(show_spinner=False)
+def server_cache() -> LruCache:
+    """Prefilled prompts and rows for every session of this server: a rerun with the same settings is free, a
+    new budget reruns only the methods, a new method runs alone. References are shared and never modified
+    (methods work on copies of their caches)."""
+    return LruCache(references=4, rows=256)
+
+
+@st.cache_resource(show_spinner=False)
+def in_process_backend() -> InProcess:
+    """Models in this Streamlit server, loaded once each and shared by every session."""
+    return InProcess(cached_model, server_cache())
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def remote_backend(url: str, token: str) -> Remote:
+    """One client per (server URL, token) for every session; UserError (nothing kept) when unusable."""
+    return remote(url, token)
+
+
+def _remember(key: str) -> None:
+    st.session_state[f"_{key}"] = st.session_state[key]
+
+
+def _remembered(key: str, default: str) -> None:
+    """Give the widget `key` its last value from any page (widget state alone is dropped on a page switch)."""
+    st.session_state.setdefault(f"_{key}", default)
+    if key not in st.session_state:
+        st.session_state[key] = st.session_state[f"_{key}"]
+
+
+def backend_picker() -> Backend | None:
+    """Sidebar: where the model runs (this process, or a model server by URL and token, from ZIGZAG_VIZ_BACKEND
+    and ZIGZAG_VIZ_TOKEN by default) and on what device; None with a one-line warning when the server cannot be
+    used."""
+    env_url = os.environ.get(BACKEND_ENV, "").strip()
+    _remembered("backend_kind", SERVER if env_url else IN_PROCESS)
+    _remembered("backend_url", env_url)
+    _remembered("backend_token", os.environ.get(TOKEN_ENV, "").strip())
+    kind = st.radio("Backend", [IN_PROCESS, SERVER], key="backend_kind", horizontal=True,
+                    on_change=_remember, args=("backend_kind",),
+                    help="A model server is `zigzag-viz serve` on a GPU machine, reached by URL and token")
+    if kind == IN_PROCESS:
+        backend = in_process_backend()
+        devices = backend.devices()
+        st.caption(" · ".join(d.describe() for d in devices) or "The model loads on first use, here.")
+        return backend
+    url = st.text_input("Server URL", key="backend_url", placeholder="http://127.0.0.1:8765",
+                        on_change=_remember, args=("backend_url",)).strip()
+    token = st.text_input("Token", key="backend_token", type="password", on_change=_remember,
+                          args=("backend_token",), help="Printed by `zigzag-viz serve`, or its --token-file").strip()
+    try:
+        backend = remote_backend(url, token)
+        devices = backend.devices()
+    except UserError as exc:
+        st.warning(str(exc))
+        return None
+    st.caption(" · ".join(d.describe() for d in devices))
+    return backend
+
+
+def model_names(backend: Backend | None) -> list[str]:
+    """The models a backend can run without typing a path: the embedded ones here, the loaded ones on a server
+    (none, with a one-line error, when the server cannot be asked)."""
+    if backend is None:
+        return []
+    if backend.accepts_any_model:
+        return list(EMBEDDED_MODELS)
+    return run_safely(lambda: [d.model for d in backend.devices()], "The model server") or []
+
+
+def model_picker(backend: Backend | None, key: str = "model") -> str:
+    """Model choice: the embedded models or a folder / cached id typed by the user here, the server's models
+    on a model server ("" when there is no usable backend)."""
+    if backend is None:
+        return ""
+    if not backend.accepts_any_model:
+        names = model_names(backend)
+        if not names:
+            return ""
+        return st.selectbox("Model", names, key=f"{key}_served", help="The models this server has loaded")
     choices = list(EMBEDDED_MODELS) + [CUSTOM_MODEL]
     choice = st.selectbox("Model", choices, key=key, help="smollm2 is the embedded SmolLM2-135M-Instruct; tiny is a 4-layer random Llama")
     if choice == CUSTOM_MODEL:
@@ -125,60 +207,30 @@ def page_style() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Analysis shared by the Uncertainty and Budgets pages: one prefill per (model, prompt, window, deep), cached.
-
-
-@dataclass(frozen=True)
-class AnalysisResult:
-    """What the pages need from one analysed prompt; small and picklable (no model, no cache tensors)."""
-
-    model: str
-    device: str
-    analysis: PromptAnalysis
-    token_texts: list[str]
-    prefill_s: float
-    num_kv_heads: int
-    head_dim: int
-    bytes_per_element: int
-    deep: bool
-
-    @property
-    def n_tokens(self) -> int:
-        return self.analysis.n_tokens
-
-
-def _head_dim(config) -> int:
-    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+# Runs shared by the pages: analyses (Uncertainty, Budgets) and comparisons (Compare), on either backend.
 
 
 @st.cache_data(max_entries=12, show_spinner=False)
-def cached_analysis(model_name: str, prompt: str, window: int, deep: bool = False) -> AnalysisResult:
-    """Prefill `prompt` on `model_name` once and keep its signals (per server, at most 12 prompts).
+def cached_analysis(_backend: Backend, where: str, model_name: str, prompt: str, window: int,
+                    deep: bool = False) -> AnalysisResult:
+    """Prefill `prompt` on `model_name` once per backend (`where`) and keep its signals (at most 12 prompts).
 
-    The per-layer progress bar is created and cleared inside this function, so a cache hit replays
-    nothing visible; a failure raises (nothing is cached) and the caller shows the message.
+    The progress bar is created and cleared inside this function, so a cache hit replays nothing visible; a
+    failure raises (nothing is cached) and the caller shows the message.
     """
-    loaded = cached_model(model_name)
     bar = st.progress(0.0, text="prefill")
-    pre = Runner(loaded, progress=lambda fraction, message: bar.progress(fraction, text=message)).analyze(
-        prompt, int(window), deep=bool(deep))
-    ids = pre.input_ids
+    result = _backend.analysis(model_name, prompt, int(window), bool(deep),
+                               lambda fraction, message: bar.progress(min(max(fraction, 0.0), 1.0), text=message))
     bar.empty()
-    return AnalysisResult(
-        model=model_name,
-        device=str(loaded.device),
-        analysis=pre.analysis,
-        token_texts=loaded.token_texts(ids[0].tolist()),
-        prefill_s=pre.seconds,
-        num_kv_heads=loaded.num_kv_heads,
-        head_dim=_head_dim(loaded.config),
-        bytes_per_element=loaded.dtype.itemsize,
-        deep=bool(deep),
-    )
+    return result
 
 
-def analyse(model_name: str, prompt: str, window: int, deep: bool = False) -> AnalysisResult | None:
+def analyse(backend: Backend | None, model_name: str, prompt: str, window: int,
+            deep: bool = False) -> AnalysisResult | None:
     """`cached_analysis` inside a status box; a warning or an error (never a traceback) when it cannot run."""
+    if backend is None:
+        st.warning("Pick a backend that works in the sidebar first.")
+        return None
     if not model_name:
         st.warning("Type a model folder or a cached model id.")
         return None
@@ -187,9 +239,9 @@ def analyse(model_name: str, prompt: str, window: int, deep: bool = False) -> An
         return None
     label = f"Analysing the prompt on {model_name}" + (" with LMBO (one compressed pass per layer and budget)" if deep else "")
     with st.status(label + "…", expanded=True) as status:
-        st.write("loading the model (once per server)")
-        loaded = run_safely(lambda: cached_model(model_name), "Loading the model")
-        result = loaded and run_safely(lambda: cached_analysis(model_name, prompt, int(window), bool(deep)), "Analysis")
+        st.write(f"model in {backend.where}" + (" (loaded once per server)" if backend.accepts_any_model else ""))
+        result = run_safely(lambda: cached_analysis(backend, backend.where, model_name, prompt, int(window), bool(deep)),
+                            "Analysis")
         if result:
             status.update(label=f"Analysed {result.n_tokens} tokens on {model_name} in {result.prefill_s:.2f} s",
                           state="complete", expanded=False)
@@ -198,47 +250,30 @@ def analyse(model_name: str, prompt: str, window: int, deep: bool = False) -> An
     return result or None
 
 
-@dataclass(frozen=True)
-class ComparisonResult:
-    """A finished comparison with each answer's token texts (for highlighting) and the device it ran on."""
-
-    comparison: Comparison
-    answer_tokens: dict[str, list[str]]
-    device: str
-
-
-@st.cache_resource(show_spinner=False)
-def server_cache() -> LruCache:
-    """Prefilled prompts and rows for every session of this server: a rerun with the same settings is free, a
-    new budget reruns only the methods, a new method runs alone. References are shared and never modified
-    (methods work on copies of their caches)."""
-    return LruCache(references=4, rows=256)
-
-
-def run_comparison(
-    model_name: str, prompt: str, specs: tuple[str, ...], budget: float, window: int, max_new_tokens: int,
-    mode: str, question: str | None, answer: str | None,
-) -> ComparisonResult:
-    """Full KV and every spec on one prompt through the runner, with a progress bar and each finished row listed
-    as it lands; the prefill and each row come from the server's caches when they were made before."""
-    loaded = cached_model(model_name)
+def run_comparison(backend: Backend, options: CompareOptions) -> ComparisonResult:
+    """Full KV and every method of `options` through the backend, with a progress bar, a Cancel button and
+    each finished row listed as it lands; here, the prefill and each row come from the server's caches when they
+    were made before. Pressing Cancel stops the run (and the server's job) at its next progress report."""
+    st.button("Cancel", key="cancel_run", help="Stop this run; the results already shown stay")
     bar = st.progress(0.0, text="checking the settings")
     landed = st.empty()
-    runner = Runner(loaded, progress=lambda fraction, message: bar.progress(fraction, text=message), cache=server_cache())
+    rows: list[str] = []
+
+    def on_row(method: str, text: str) -> None:
+        rows.append(f"{method} “{text[:40]}”")
+        landed.caption("Ready: " + " · ".join(rows))
+
     try:
-        request = runner.request(prompt, list(specs), budget, mode, question, window, max_new_tokens, answer)
-        rows: list[MethodResult] = []
-
-        def on_row(row: MethodResult) -> None:
-            rows.append(row)
-            landed.caption("Ready: " + " · ".join(f"{r.method} “{r.text[:40]}”" for r in rows))
-
-        comparison = runner.compare(request, on_row)
+        return backend.comparison(options, lambda fraction, message: bar.progress(min(max(fraction, 0.0), 1.0), text=message),
+                                  on_row)
     finally:
         bar.empty()
         landed.empty()
-    tokens = {r.method: loaded.token_texts(r.token_ids) for r in comparison.results}
-    return ComparisonResult(comparison, tokens, str(loaded.device))
+
+
+def was_cancelled() -> bool:
+    """True on the rerun that the Cancel button of `run_comparison` started."""
+    return bool(st.session_state.get("cancel_run"))
 
 
 def default_comparison_models() -> list[str]:

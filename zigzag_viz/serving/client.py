@@ -4,6 +4,7 @@ would have made it.
     backend = Backend("http://127.0.0.1:8765", token)
     report = backend.analyze(AnalyzeOptions(...))                      # what `analyze --json` prints
     result = backend.compare(CompareOptions(...), on_progress=show)     # {"rows": ..., "comparison": ...}
+    view = backend.comparison_view(CompareOptions(...), on_progress=show)  # the app's ComparisonResult
 
 Every failure is a UserError with one line: the server's own message for bad input, a failed job or a full
 queue, and `the backend at URL ...` when it cannot be reached, refuses the token or goes away mid-run.
@@ -17,6 +18,8 @@ from typing import Callable, Iterator
 import httpx
 
 from ..errors import InputError, OutOfMemoryError, UserError
+from ..presentation.views import AnalysisResult, ComparisonResult
+from . import wire
 from .api import AnalyzeOptions, CompareOptions
 
 CONNECT_TIMEOUT_S = 10.0
@@ -56,18 +59,45 @@ class Backend:
 
     def compare(self, options: CompareOptions, on_progress: Callable[[dict], None] | None = None) -> dict:
         """Run `options` as a job and wait for it: {"rows", "comparison"}; `on_progress(job)` hears each change
-        (status, progress with fraction, message and queue_position), the last one included. Ctrl-C cancels the job on the server."""
-        job = self._call("POST", "/compare", json=options.to_json())
+        (status, progress with fraction, message and queue_position, the rows landed so far), the last one
+        included. Anything that stops the wait (Ctrl-C, a page rerun raised from `on_progress`) cancels the job
+        on the server."""
+        return self._follow(self._call("POST", "/compare", json=options.to_json()), on_progress)
+
+    def models(self) -> list[dict]:
+        """The server's models: name, device, dtype, GPU memory in use and in all (bytes), layers, queued jobs."""
+        return self._call("GET", "/models")["models"]
+
+    def analysis_view(self, options: AnalyzeOptions) -> AnalysisResult:
+        """The app's analysis of `options.prompt`, made on the server (waits for the model's queue)."""
+        return self._view(self._call("POST", "/views/analysis", json=options.to_json()), AnalysisResult)
+
+    def comparison_view(self, options: CompareOptions,
+                        on_progress: Callable[[dict], None] | None = None) -> ComparisonResult:
+        """The app's comparison for `options`, run as a job on the server; progress as in `compare`."""
+        job = self._call("POST", "/views/compare", json=options.to_json())
+        return self._view(self._follow(job, on_progress), ComparisonResult)
+
+    def _follow(self, job: dict, on_progress: Callable[[dict], None] | None):
+        """Wait for `job` through its events and return its result; cancel it when the wait is stopped."""
         try:
             for event, record in self._events(job["id"]):
                 if on_progress is not None:
                     on_progress(record)
                 if event == "end":
-                    return self._result(record)
-        except KeyboardInterrupt:
+                    break
+            else:
+                raise BackendError(f"the backend at {self.url} closed the progress stream of job {job['id']} early")
+        except BaseException:
             self.cancel(job["id"])
             raise
-        raise BackendError(f"the backend at {self.url} closed the progress stream of job {job['id']} early")
+        return self._result(record)
+
+    def _view(self, value, kind: type):
+        result = wire.decode(value)
+        if not isinstance(result, kind):
+            raise BackendError(f"the backend at {self.url} answered with something that is not a {kind.__name__}")
+        return result
 
     def cancel(self, job_id: str) -> None:
         """Ask the server to cancel a job; silent when the server is already gone."""

@@ -46,6 +46,7 @@ class Job:
         self.fraction = 0.0
         self.message = "queued"
         self.result: Any = None
+        self.landed: tuple[dict, ...] = ()
         self.error: str | None = None
         self.error_status: int | None = None
         self.created = time.time()
@@ -95,6 +96,10 @@ class Job:
             raise Cancelled("cancelled")
         self._update(fraction=float(fraction), message=message)
 
+    def land(self, summary: dict) -> None:
+        """Record one finished row's summary ({"method", "text", ...}) so that clients see rows as they land."""
+        self._update(landed=self.landed + (summary,))
+
     def request_cancel(self) -> None:
         self._cancel.set()
 
@@ -129,7 +134,7 @@ class Job:
 
     def to_json(self, with_result: bool = True) -> dict:
         """Status, progress (fraction, message, jobs ahead in the queue: 0 while running, null once finished),
-        times (Unix seconds), the error when failed and the result when done."""
+        the rows that landed so far (method, text, kv_fraction, seconds), times (Unix seconds), the error when failed and the result when done."""
         position = self.queue.position(self) if self.queue is not None else None
         with self._lock:
             record = {
@@ -138,6 +143,7 @@ class Job:
                 "kind": self.kind,
                 "status": self.status,
                 "progress": {"fraction": round(self.fraction, 4), "message": self.message, "queue_position": position},
+                "landed": list(self.landed),
                 "created": self.created,
                 "started": self.started,
                 "finished": self.finished,

@@ -3,11 +3,12 @@ runner, on models loaded once.
 
     app = create_app([load_model("smollm2")], token, Limits())
 
-GET /health is open; every other endpoint needs `Authorization: Bearer <token>`. GET /models, GET /methods,
-POST /analyze (answers with what `zigzag-viz analyze --json` prints), POST /compare (a job: 202 with its id),
-GET /jobs/{id} (status, progress, and when done {"rows": what `compare --json` prints, "comparison": the
-export}), GET /jobs/{id}/events (server-sent events: `progress` on each change, then one `end`),
-DELETE /jobs/{id} (cancel). Errors are `{"error": one line}`: 401 token, 404 unknown job, 413 body too large,
+GET /health is open; every other endpoint needs `Authorization: Bearer <token>`. GET /models (with where each
+runs: device, dtype, GPU memory), GET /methods, POST /analyze (answers with what `zigzag-viz analyze --json`
+prints), POST /compare (a job: 202 with its id), GET /jobs/{id} (status, progress, the rows landed so far, and
+when done {"rows": what `compare --json` prints, "comparison": the export}), GET /jobs/{id}/events (server-sent events: `progress` on each change, then one `end`),
+DELETE /jobs/{id} (cancel). The app's pages use POST /views/analysis and POST /views/compare (a job), which take
+the same bodies and answer with the pages' own results, exactly, in `wire`'s JSON. Errors are `{"error": one line}`: 401 token, 404 unknown job, 413 body too large,
 422 bad input, 503 queue full, 507 out of memory.
 """
 
@@ -33,6 +34,8 @@ from ..evaluation.runner import LruCache, Runner
 from ..methods import parse_specs
 from ..pipeline.models import LoadedModel, cache_folder
 from .api import AnalyzeOptions, CompareOptions, analysis_report, comparison_result, configured_token, methods_listing
+from ..presentation import views
+from . import wire
 from .jobs import Job, JobStore, ModelQueue, QueueFull
 
 KEEP_ALIVE_S = 15.0
@@ -162,8 +165,8 @@ def create_app(models: Iterable[LoadedModel], token: str, limits: Limits = Limit
     @app.get("/models", dependencies=guarded)
     async def models_loaded():
         return JsonResponse({"models": [
-            {"name": name, "device": str(loaded.device), "dtype": str(loaded.dtype).removeprefix("torch."),
-             "layers": loaded.num_layers, "max_context": loaded.max_context, "jobs": len(server.queues[name])}
+            {"name": name, **views.device_info(loaded).to_json(), "layers": loaded.num_layers,
+             "max_context": loaded.max_context, "jobs": len(server.queues[name])}
             for name, loaded in server.models.items()
         ]})
 
@@ -171,12 +174,8 @@ def create_app(models: Iterable[LoadedModel], token: str, limits: Limits = Limit
     async def methods():
         return JsonResponse(methods_listing())
 
-    @app.post("/analyze", dependencies=guarded)
-    async def analyze(request: Request):
-        options = AnalyzeOptions.from_json(await _read_json(request, limits.max_body_bytes))
-        loaded = server.model(options.model)
-        job = server.queues[loaded.name].submit(
-            Job(loaded.name, "analyze", lambda progress: analysis_report(loaded, options, progress)))
+    async def finished(job: Job) -> JsonResponse:
+        """Wait for a job that answers its own request (the analyses) and send its result or its error."""
         while True:
             version = job.version
             if job.is_finished:
@@ -188,18 +187,51 @@ def create_app(models: Iterable[LoadedModel], token: str, limits: Limits = Limit
             return _error(503, "the analysis was cancelled: the server is shutting down")
         return JsonResponse(job.result)
 
-    @app.post("/compare", dependencies=guarded, status_code=202)
-    async def compare(request: Request):
+    @app.post("/analyze", dependencies=guarded)
+    async def analyze(request: Request):
+        options = AnalyzeOptions.from_json(await _read_json(request, limits.max_body_bytes))
+        loaded = server.model(options.model)
+        return await finished(server.queues[loaded.name].submit(
+            Job(loaded.name, "analyze", lambda progress: analysis_report(loaded, options, progress))))
+
+    @app.post("/views/analysis", dependencies=guarded)
+    async def analysis_view(request: Request):
+        options = AnalyzeOptions.from_json(await _read_json(request, limits.max_body_bytes))
+        loaded = server.model(options.model)
+
+        def work(progress):
+            pre = Runner(loaded, progress).analyze(options.prompt, options.window, deep=options.deep)
+            return wire.encode(views.analysis_result(loaded, pre, options.deep))
+
+        return await finished(server.queues[loaded.name].submit(Job(loaded.name, "analysis", work)))
+
+    async def submit_comparison(request: Request, kind: str, result_of) -> JsonResponse:
+        """Check a comparison before queuing it (422 at once), then queue it as a job whose rows land one by
+        one (`Job.land`) and whose result is `result_of(loaded, comparison)`."""
         options = CompareOptions.from_json(await _read_json(request, limits.max_body_bytes))
         server.check_limits(options)
         loaded = server.model(options.model)
         checked = await run_in_threadpool(options.request, Runner(loaded))
 
-        def work(progress):
-            return comparison_result(Runner(loaded, progress, server.cache).compare(checked))
+        def land(row) -> None:
+            seconds = row.prefill_s + row.analysis_s + row.compress_s + row.decode_s
+            job.land({"method": row.method, "text": row.text[:200], "kv_fraction": round(row.kv_fraction, 6),
+                      "seconds": round(seconds, 3)})
 
-        job = server.jobs.add(server.queues[loaded.name].submit(Job(loaded.name, "compare", work)))
+        def work(progress):
+            return result_of(loaded, Runner(loaded, progress, server.cache).compare(checked, land))
+
+        job = server.jobs.add(server.queues[loaded.name].submit(Job(loaded.name, kind, work)))
         return JsonResponse(job.to_json(), status_code=202)
+
+    @app.post("/compare", dependencies=guarded, status_code=202)
+    async def compare(request: Request):
+        return await submit_comparison(request, "compare", lambda _loaded, comparison: comparison_result(comparison))
+
+    @app.post("/views/compare", dependencies=guarded, status_code=202)
+    async def comparison_view(request: Request):
+        return await submit_comparison(
+            request, "comparison", lambda loaded, comparison: wire.encode(views.comparison_result(loaded, comparison)))
 
     @app.get("/jobs/{job_id}", dependencies=guarded)
     async def job_status(job_id: str):

@@ -1,0 +1,54 @@
+"""The app in headless Chromium against a model server started by the test (ZIGZAG_VIZ_BACKEND and
+ZIGZAG_VIZ_TOKEN): the sidebar says where the model runs, the Compare page runs on the server with its
+progress, and Cancel stops the server's job and leaves the page usable."""
+
+import time
+
+import httpx
+import pytest
+from conftest import serving_app
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+
+@pytest.fixture(scope="module")
+def remote_app(served):
+    url, token_file, _ = served
+    token = token_file.read_text().strip()
+    with serving_app(ZIGZAG_VIZ_BACKEND=url, ZIGZAG_VIZ_TOKEN=token) as app:
+        yield app, url, token
+
+
+def _jobs_on_server(url: str, token: str) -> int:
+    return httpx.get(f"{url}/models", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()["models"][0]["jobs"]
+
+
+def test_compare_page_runs_on_the_server_and_cancel_stops_its_job(browser, remote_app, screenshot):
+    app, url, token = remote_app
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    page.goto(f"{app}/Compare")
+    page.get_by_role("button", name="Run").wait_for(timeout=60_000)
+    page.get_by_text("tiny on cpu · float32").wait_for(timeout=30_000)
+    page.get_by_role("button", name="Run").click()
+    page.get_by_text("Answers side by side").wait_for(timeout=180_000)
+    content = page.content()
+    assert "Traceback" not in content and f"in {url}" not in content  # the status box closed when done
+    for method in ("zigzag", "pyramid", "uniform"):
+        assert page.locator(".zz-head", has_text=method).count() == 1
+    screenshot(page, "compare_on_server.png")
+
+    tokens = page.get_by_role("spinbutton", name="Max new tokens")
+    tokens.fill("256")
+    tokens.press("Enter")
+    page.get_by_role("button", name="Run").click()
+    page.get_by_text("compress and decode").first.wait_for(timeout=120_000)
+    assert _jobs_on_server(url, token) == 1
+    page.get_by_role("button", name="Cancel").click()
+    page.get_by_text("Run cancelled").wait_for(timeout=60_000)
+    deadline = time.monotonic() + 30
+    while _jobs_on_server(url, token) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _jobs_on_server(url, token) == 0
+    assert page.get_by_text("Answers side by side").count() == 1  # the last results stay
+    assert "Traceback" not in page.content()
+    page.close()
