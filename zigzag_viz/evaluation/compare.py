@@ -32,7 +32,8 @@ class MethodResult:
     """One method's answer, what its cache cost and what it kept.
 
     `first_divergence` is a generated-token index or None; seconds are wall time; `kept_map` (L, n_context)
-    is the share of each layer's KV heads that kept each compressed prompt token.
+    is the share of each layer's KV heads that kept each compressed prompt token; `peak_gpu_bytes` the most GPU
+    memory allocated while the row ran (compression, question, decoding; None off the GPU).
     """
 
     method: str
@@ -54,6 +55,7 @@ class MethodResult:
     kl_curve: list[float]
     top1_curve: list[float]
     kept_map: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 0)))
+    peak_gpu_bytes: int | None = None
 
     @property
     def kl_mean(self) -> float:
@@ -89,6 +91,7 @@ class MethodResult:
             "compress_s": round(self.compress_s, 4),
             "decode_s": round(self.decode_s, 4),
             "ms_per_token": round(self.ms_per_token, 3),
+            "peak_gpu_bytes": self.peak_gpu_bytes,
             "kl_curve": [round(v, 6) for v in self.kl_curve],
             "top1_curve": self.top1_curve,
         }
@@ -167,6 +170,7 @@ class CompressedRun(NamedTuple):
     question_s: float
     decode_s: float
     forced_logits: np.ndarray | None = None
+    peak_gpu_bytes: int | None = None
 
 
 def feed_question(loaded: LoadedModel, cache, pre: runtime.Prefill, question_ids: torch.Tensor | None):
@@ -185,6 +189,7 @@ def run_method(
     max_new_tokens: int, reference: list[int] | None = None, question_ids: torch.Tensor | None = None,
 ) -> CompressedRun:
     """Compress a copy of the prefilled cache with `method`, feed the question if any, then decode greedily."""
+    runtime.reset_peak_memory(loaded.device)
     cache = kvcache.clone(pre.cache)
     started = time.perf_counter()
     report = method.compress(cache, context)
@@ -198,7 +203,8 @@ def run_method(
     tokens, _ = runtime.greedy_decode(loaded, cache, next_logits, position, max_new_tokens)
     decode_s = time.perf_counter() - started
     budgets = [int(b) for b in report.layer_budgets]
-    return CompressedRun(tokens, held, budgets, report.kept, compress_s, question_s, decode_s, forced)
+    return CompressedRun(tokens, held, budgets, report.kept, compress_s, question_s, decode_s, forced,
+                         runtime.peak_memory(loaded.device))
 
 
 def teacher_forced_logits(
@@ -237,6 +243,7 @@ class Reference:
     text: str
     question_s: float
     decode_s: float
+    peak_gpu_bytes: int | None = None
 
     @property
     def n_context(self) -> int:
@@ -246,7 +253,7 @@ class Reference:
     def run(self) -> CompressedRun:
         """Full KV's own run: what a lossless method's row is made of."""
         return CompressedRun(self.tokens, self.full_bytes, self.full_lengths, {}, 0.0, self.question_s,
-                             self.decode_s, self.logits)
+                             self.decode_s, self.logits, self.peak_gpu_bytes)
 
 
 def prefill_reference(
@@ -256,6 +263,7 @@ def prefill_reference(
     """Prefill `input_ids[:, :split]` once (recording signals and the `needs` methods declared), feed the rest
     (the question, in context mode) and decode the full-KV answer; `progress(layer)` hears from the prefill."""
     question_ids = input_ids[:, split:] if split < input_ids.shape[1] else None
+    runtime.reset_peak_memory(loaded.device)
     pre = runtime.prefill(loaded, input_ids[:, :split], window, progress=progress, needs=needs)
     cache = kvcache.clone(pre.cache)
     next_logits, position, question_s = feed_question(loaded, cache, pre, question_ids)
@@ -266,6 +274,7 @@ def prefill_reference(
         loaded.name, mode, int(max_new_tokens), question, question_ids, int(input_ids.shape[1]),
         loaded.token_texts(input_ids[0].tolist()), pre, kvcache.kv_bytes(pre.cache), kvcache.layer_lengths(pre.cache),
         tokens, torch.stack(logits).float().cpu().numpy(), loaded.decode(tokens), question_s, decode_s,
+        runtime.peak_memory(loaded.device),
     )
 
 
@@ -302,6 +311,7 @@ def method_row(
         top1_curve=top1_per_step(reference.logits, run.forced_logits).tolist(),
         kept_map=kept_token_map(run.kept, reference.full_lengths, reference.n_context,
                                 loaded.num_kv_heads).astype(np.float32),
+        peak_gpu_bytes=run.peak_gpu_bytes,
     )
 
 

@@ -182,12 +182,12 @@ def model_store_folder() -> Path:
 
 
 def source_fingerprint(source: Path) -> str:
-    """16 hex digits naming a conversion of `source`: its name, size, mtime and first and last MiB, the
-    transformers version and MODEL_STORE_FORMAT."""
+    """16 hex digits naming a conversion of `source`: its name, size and first and last MiB, the transformers
+    version and MODEL_STORE_FORMAT. Not its path or times: two installs of the same package (two checkouts, a
+    fresh virtual environment) share one conversion instead of replacing each other's."""
     stat = source.stat()
     digest = hashlib.sha256()
-    identity = [source.name, stat.st_size, stat.st_mtime_ns, importlib.metadata.version("transformers"),
-                MODEL_STORE_FORMAT]
+    identity = [source.name, stat.st_size, importlib.metadata.version("transformers"), MODEL_STORE_FORMAT]
     digest.update(json.dumps(identity).encode())
     with source.open("rb") as handle:
         digest.update(handle.read(2**20))
@@ -425,7 +425,7 @@ def _load_any(name: str, device: torch.device) -> LoadedModel:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
-            source, local_files_only=True, dtype=_dtype_for(device), trust_remote_code=False
+            source, local_files_only=True, dtype=_dtype_for(device), trust_remote_code=False, **placement(device)
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
@@ -436,9 +436,19 @@ def _load_any(name: str, device: torch.device) -> LoadedModel:
     return wrap_model(name, model, tokenizer, device, use_chat_template=bool(getattr(tokenizer, "chat_template", None)))
 
 
+def placement(device: torch.device) -> dict:
+    """`from_pretrained` arguments that place a model: on CUDA, accelerate's `device_map="auto"`, which keeps a
+    model that fits on one GPU and spreads one that does not over the GPUs (then CPU memory); none elsewhere."""
+    return {"device_map": "auto"} if device.type == "cuda" else {}
+
+
 def wrap_model(name, model, tokenizer, device, use_chat_template) -> LoadedModel:
-    """Move an in-memory causal LM to `device`, switch it to the zigzag_viz attention, and wrap it."""
-    model.to(device)
+    """Move an in-memory causal LM to `device` (a model that accelerate placed stays where it is; its inputs go
+    to its embedding's device), switch it to the zigzag_viz attention, and wrap it."""
+    if getattr(model, "hf_device_map", None):
+        device = model.get_input_embeddings().weight.device
+    else:
+        model.to(device)
     model.eval()
     attention.install(model)
     return LoadedModel(

@@ -55,6 +55,18 @@ def _memory_guard():
         ) from None
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start counting the peak GPU memory anew on a CUDA `device` (nothing elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> int | None:
+    """Most bytes allocated on a CUDA `device` since `reset_peak_memory` (`torch.cuda.max_memory_allocated`):
+    weights, every held cache and the work of the step in between; None on other devices."""
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
 def forward_tokens(loaded: LoadedModel, cache, token_ids: torch.Tensor, start: int, last_only: bool = False) -> torch.Tensor:
     """Feed tokens (1, k) at true positions start..start+k−1 through `cache` (updated in place); logits (k, V)."""
     model = loaded.model
@@ -109,19 +121,34 @@ def greedy_tokens(loaded: LoadedModel, input_ids: torch.Tensor, max_new_tokens: 
 
 
 def greedy_decode(
-    loaded: LoadedModel, cache, next_logits: torch.Tensor, start: int, max_new_tokens: int
+    loaded: LoadedModel, cache, next_logits: torch.Tensor, start: int, max_new_tokens: int,
+    static: bool | None = None,
 ) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy tokens from `next_logits` on, fed one at a time from position `start`; with each step's logits (V,)."""
+    """Greedy tokens from `next_logits` on, fed one at a time from position `start`; with each step's logits (V,).
+
+    `static` (default: on CUDA) first turns the cache's dense layers into preallocated ragged buffers
+    (`static_cache`); on CUDA, with every layer static, each step is then one replayed CUDA graph."""
+    from .static_cache import GraphedDecoder, to_static
+
     tokens: list[int] = []
     step_logits: list[torch.Tensor] = []
     logits = next_logits
     stop = loaded.eos_token_ids
     with loaded.lock:
+        graphed = None
+        if (loaded.device.type == "cuda" if static is None else static) and max_new_tokens > 1:
+            every_layer = to_static(cache, max_new_tokens)
+            if every_layer and loaded.device.type == "cuda":
+                graphed = GraphedDecoder(loaded.model, cache, _cache_argument(loaded.model), loaded.device)
         for step in range(max_new_tokens):
             step_logits.append(logits)
             token = int(torch.argmax(logits))
             tokens.append(token)
             if token in stop or step == max_new_tokens - 1:
                 break
-            logits = forward_tokens(loaded, cache, torch.tensor([[token]]), start + step)[-1]
+            if graphed is not None:
+                with _memory_guard():
+                    logits = graphed.step(token, start + step)
+            else:
+                logits = forward_tokens(loaded, cache, torch.tensor([[token]]), start + step)[-1]
     return tokens, step_logits
