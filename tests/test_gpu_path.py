@@ -2,6 +2,7 @@
 a placed model left where it is, and a peak-memory reading per comparison row (None off the GPU)."""
 
 import itertools
+import json
 
 import torch
 
@@ -42,3 +43,33 @@ def test_every_row_reports_its_own_peak_memory_and_none_off_the_gpu(tiny, monkey
     # the reference (full KV's row) is read once after its prefill and decoding, each method after its own run
     assert [row.peak_gpu_bytes for row in rows.results] == [1000, 2000, 3000]
     assert len(resets) == 3
+
+
+def test_the_gpu_benchmark_runs_at_tiny_shapes_on_the_cpu(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--shape", "tiny"]) == 2  # no GPU and no --out: nothing written
+    out = tmp_path / "gpu_cpu.json"
+    args = ["--shape", "tiny", "--tokens", "64", "128", "--batch", "1", "2", "--decode-steps", "3", "--window", "8",
+            "--max-analysis", "512", "--fit-tokens", "128", "--memory-bytes", "10000000", "--out", str(out)]
+    assert bench.main(args) == 0
+    record = json.loads(out.read_text())
+    rows = {(r["tokens"], r["batch"], r["kept"]): r for r in record["rows"]}
+    assert sorted(rows) == [(n, b, k) for n in (64, 128) for b in (1, 2) for k in (0.2, 1.0)]
+    per_token = 2 * 2 * 2 * 16 * 4  # layers × (keys, values) × KV heads × head dim × float32 bytes
+    for (n, batch, kept), row in rows.items():
+        assert row["kv_bytes"] == batch * per_token * round(kept * n)  # real eviction: only kept tokens held
+        assert row["decode_ms"] > 0 and row["decode_ms_eager"] > 0 and row["peak_gpu_bytes"] is None
+        assert row["decode_ratio"] == (1.0 if kept == 1.0 else round(row["decode_ms"] / row["decode_ms_full"], 4))
+        assert ("analysis_ratio" in row) == (batch == 1)
+    fit = record["fit"]
+    free = 10_000_000 - fit["weights_bytes"]
+    assert fit["sequences_full"] == free // (per_token * 128)
+    assert fit["sequences_kept_0.2"] == free // (per_token * round(0.2 * 128))
+    assert record["analysis"] == {"longest_tokens": 512, "first_out_of_memory_tokens": None, "limit_tokens": 512}
+    assert record["decode_path"] == "static ragged cache, eager"

@@ -148,7 +148,7 @@ def greedy_decode(
                 break
             if graphed is not None:
                 with _memory_guard():
-                    logits = graphed.step(token, start + step)
+                    logits = graphed.step([token], start + step)[0]
             else:
                 logits = forward_tokens(loaded, cache, torch.tensor([[token]]), start + step)[-1]
     return tokens, step_logits

@@ -95,40 +95,43 @@ def to_static(cache, extra: int) -> bool:
 
 
 class GraphedDecoder:
-    """One greedy decode step of `model` over a fully static cache, captured once as a CUDA graph and replayed
-    per token. `step(token, position)` gives the next-token logits (V,), float32."""
+    """One greedy decode step of `model` for `batch` sequences over a fully static cache, captured once as a CUDA
+    graph and replayed per token. `step(tokens, position)` feeds one token per sequence at `position` and gives
+    the next-token logits (batch, V), float32."""
 
-    def __init__(self, model, cache, cache_argument: str, device: torch.device):
+    def __init__(self, model, cache, cache_argument: str, device: torch.device, batch: int = 1):
         self.model, self.cache, self.cache_argument = model, cache, cache_argument
-        self.token = torch.zeros((1, 1), dtype=torch.long, device=device)
-        self.position = torch.zeros((1, 1), dtype=torch.long, device=device)
+        self.tokens = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        self.position = torch.zeros((batch, 1), dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
     def _forward(self) -> torch.Tensor:
         kwargs = {self.cache_argument: self.cache, "use_cache": True, "position_ids": self.position}
-        return self.model(input_ids=self.token, **kwargs).logits[0, -1].float()
+        return self.model(input_ids=self.tokens, **kwargs).logits[:, -1].float()
 
     def _capture(self) -> None:
         layers = [entry for entry in self.cache.layers if isinstance(entry, StaticLayer)]
         saved = [(entry.length.clone(), entry.filled) for entry in layers]
+
+        def restore() -> None:
+            for entry, (length, filled) in zip(layers, saved):
+                entry.length.copy_(length)
+                entry.filled = filled
+
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             self._forward()  # warm-up outside the graph: kernels chosen, workspaces allocated
         torch.cuda.current_stream().wait_stream(stream)
-        for entry, (length, filled) in zip(layers, saved):
-            entry.length.copy_(length)
-            entry.filled = filled
+        restore()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self._forward()
-        for entry, (length, filled) in zip(layers, saved):  # capture records kernels; the host count moved
-            entry.length.copy_(length)
-            entry.filled = filled
+        restore()  # capture records kernels without running them; only the host counts moved
 
-    def step(self, token: int, position: int) -> torch.Tensor:
-        self.token.fill_(token)
+    def step(self, tokens, position: int) -> torch.Tensor:
+        self.tokens.copy_(torch.as_tensor(tokens, dtype=torch.long).view(-1, 1))
         self.position.fill_(position)
         with torch.inference_mode():
             if self.graph is None:
