@@ -1,6 +1,6 @@
 """The app in headless Chromium against a model server started by the test (ZIGZAG_VIZ_BACKEND and
 ZIGZAG_VIZ_TOKEN): the sidebar says where the model runs, the Compare page runs on the server with its
-progress, and Cancel stops the server's job and leaves the page usable."""
+progress, and Cancel stops the server's job and leaves the page usable; Cancel also stops an in-process run."""
 
 import time
 
@@ -50,5 +50,27 @@ def test_compare_page_runs_on_the_server_and_cancel_stops_its_job(browser, remot
         time.sleep(0.2)
     assert _jobs_on_server(url, token) == 0
     assert page.get_by_text("Answers side by side").count() == 1  # the last results stay
+    assert "Traceback" not in page.content()
+    page.close()
+
+
+def test_cancel_stops_an_in_process_run_and_the_next_run_works(browser, app_url):
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    page.goto(f"{app_url}/Compare")
+    page.get_by_role("button", name="Run").wait_for(timeout=60_000)
+    page.get_by_role("combobox", name="Model").click()
+    page.get_by_role("option", name="tiny", exact=True).click()
+    tokens = page.get_by_role("spinbutton", name="Max new tokens")
+    tokens.fill("256")
+    tokens.press("Enter")
+    page.get_by_role("button", name="Run").click()
+    page.get_by_text("compress and decode").first.wait_for(timeout=120_000)
+    page.get_by_role("button", name="Cancel").click()
+    page.get_by_text("Run cancelled").wait_for(timeout=60_000)
+    assert page.get_by_text("Answers side by side").count() == 0
+    tokens.fill("4")
+    tokens.press("Enter")
+    page.get_by_role("button", name="Run").click()  # the model's lock was released by the cancelled run
+    page.get_by_text("Answers side by side").wait_for(timeout=120_000)
     assert "Traceback" not in page.content()
     page.close()
