@@ -85,10 +85,12 @@ def test_the_view_endpoints_equal_an_in_process_run(tiny, local_view):
     auth = {"Authorization": "Bearer t0ken"}
     try:
         with TestClient(application) as client:
-            response = client.post("/views/analysis", headers=auth,
-                                   json=AnalyzeOptions(model="tiny", prompt=PROMPT.text, window=16).to_json())
-            assert response.status_code == 200, response.text
-            analysed = wire.decode(response.json())
+            job = client.post("/views/analysis", headers=auth,
+                              json=AnalyzeOptions(model="tiny", prompt=PROMPT.text, window=16).to_json()).json()
+            while job["status"] not in ("done", "failed", "cancelled"):
+                job = client.get(f"/jobs/{job['id']}", headers=auth).json()
+            assert job["status"] == "done", job
+            analysed = wire.decode(job["result"])
             expected = views.analysis_result(tiny, Runner(tiny).analyze(PROMPT.text, 16), False)
             analysed = views.AnalysisResult(**{**analysed.__dict__, "prefill_s": expected.prefill_s})
             assert_same(analysed, expected)
@@ -158,6 +160,23 @@ def _run(at: AppTest) -> AppTest:
     at.text_area[0].set_value(OPTIONS.prompt)
     next(t for t in at.text_input if t.label.startswith("Known answer")).set_value(OPTIONS.answer)
     return next(b for b in at.button if b.label == "Run").click().run()
+
+
+def test_the_uncertainty_page_through_a_server_equals_an_in_process_analysis(served, tiny):
+    url, token_file, _ = served
+    at = AppTest.from_file(str(ROOT / "pages" / "2_Uncertainty.py"), default_timeout=300)
+    at.run()
+    at.radio(key="backend_kind").set_value("model server").run()
+    at.text_input(key="backend_url").set_value(url).run()
+    at.text_input(key="backend_token").set_value(token_file.read_text().strip()).run()
+    next(n for n in at.number_input if n.label.startswith("Observation window")).set_value(16)
+    at.text_area[0].set_value(PROMPT.text)
+    next(b for b in at.button if b.label == "Analyze").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    shown = at.session_state["uncertainty"]
+    expected = views.analysis_result(tiny, Runner(tiny).analyze(PROMPT.text, 16), False)
+    assert_same(views.AnalysisResult(**{**shown.__dict__, "prefill_s": expected.prefill_s}), expected)
+    assert at.multiselect[0].options == ["tiny"]  # the models to compare are the server's
 
 
 def test_the_compare_page_through_a_server_and_the_server_going_away(served, local_view, monkeypatch):

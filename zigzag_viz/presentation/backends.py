@@ -98,24 +98,31 @@ class Remote:
         return self._devices[1]
 
     def analysis(self, model: str, prompt: str, window: int, deep: bool, progress: Progress) -> AnalysisResult:
-        progress(0.0, f"analysing on {self.where} (waiting for the model's queue)")
         options = AnalyzeOptions(model=model, prompt=prompt, window=int(window), deep=bool(deep)).check()
-        return self.client.analysis_view(options)
+        return self.client.analysis_view(options, _heard(progress))
 
     def comparison(self, options: CompareOptions, progress: Progress, on_row: OnRow) -> ComparisonResult:
-        shown = 0
+        return self.client.comparison_view(options.check(), _heard(progress, on_row))
 
-        def heard(job: dict) -> None:
-            nonlocal shown
-            for row in job.get("landed", [])[shown:]:
+
+def _heard(progress: Progress, on_row: OnRow | None = None) -> Callable[[dict], None]:
+    """A job listener that passes the server's progress (or its place in the queue) to `progress` and each
+    newly landed row to `on_row`."""
+    shown = 0
+
+    def heard(job: dict) -> None:
+        nonlocal shown
+        landed = job.get("landed", [])
+        if on_row is not None:
+            for row in landed[shown:]:
                 on_row(row["method"], row["text"])
-            shown = len(job.get("landed", []))
-            step = job["progress"]
-            queued = step.get("queue_position")
-            message = f"waiting: {queued} job(s) ahead on the server" if job["status"] == "queued" and queued else step["message"]
-            progress(float(step["fraction"]), message)
+        shown = len(landed)
+        step = job["progress"]
+        queued = step.get("queue_position")
+        waiting = job["status"] == "queued" and queued
+        progress(float(step["fraction"]), f"waiting: {queued} job(s) ahead on the server" if waiting else step["message"])
 
-        return self.client.comparison_view(options.check(), heard)
+    return heard
 
 
 def remote(url: str, token: str) -> Remote:

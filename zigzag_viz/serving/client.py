@@ -68,9 +68,11 @@ class Backend:
         """The server's models: name, device, dtype, GPU memory in use and in all (bytes), layers, queued jobs."""
         return self._call("GET", "/models")["models"]
 
-    def analysis_view(self, options: AnalyzeOptions) -> AnalysisResult:
-        """The app's analysis of `options.prompt`, made on the server (waits for the model's queue)."""
-        return self._view(self._call("POST", "/views/analysis", json=options.to_json()), AnalysisResult)
+    def analysis_view(self, options: AnalyzeOptions,
+                      on_progress: Callable[[dict], None] | None = None) -> AnalysisResult:
+        """The app's analysis of `options.prompt`, run as a job on the server; progress as in `compare`."""
+        job = self._call("POST", "/views/analysis", json=options.to_json())
+        return self._view(self._follow(job, on_progress), AnalysisResult)
 
     def comparison_view(self, options: CompareOptions,
                         on_progress: Callable[[dict], None] | None = None) -> ComparisonResult:

@@ -7,7 +7,7 @@ GET /health is open; every other endpoint needs `Authorization: Bearer <token>`.
 runs: device, dtype, GPU memory), GET /methods, POST /analyze (answers with what `zigzag-viz analyze --json`
 prints), POST /compare (a job: 202 with its id), GET /jobs/{id} (status, progress, the rows landed so far, and
 when done {"rows": what `compare --json` prints, "comparison": the export}), GET /jobs/{id}/events (server-sent events: `progress` on each change, then one `end`),
-DELETE /jobs/{id} (cancel). The app's pages use POST /views/analysis and POST /views/compare (a job), which take
+DELETE /jobs/{id} (cancel). The app's pages use POST /views/analysis and POST /views/compare (jobs), which take
 the same bodies and answer with the pages' own results, exactly, in `wire`'s JSON. Errors are `{"error": one line}`: 401 token, 404 unknown job, 413 body too large,
 422 bad input, 503 queue full, 507 out of memory.
 """
@@ -194,7 +194,7 @@ def create_app(models: Iterable[LoadedModel], token: str, limits: Limits = Limit
         return await finished(server.queues[loaded.name].submit(
             Job(loaded.name, "analyze", lambda progress: analysis_report(loaded, options, progress))))
 
-    @app.post("/views/analysis", dependencies=guarded)
+    @app.post("/views/analysis", dependencies=guarded, status_code=202)
     async def analysis_view(request: Request):
         options = AnalyzeOptions.from_json(await _read_json(request, limits.max_body_bytes))
         loaded = server.model(options.model)
@@ -203,7 +203,8 @@ def create_app(models: Iterable[LoadedModel], token: str, limits: Limits = Limit
             pre = Runner(loaded, progress).analyze(options.prompt, options.window, deep=options.deep)
             return wire.encode(views.analysis_result(loaded, pre, options.deep))
 
-        return await finished(server.queues[loaded.name].submit(Job(loaded.name, "analysis", work)))
+        job = server.jobs.add(server.queues[loaded.name].submit(Job(loaded.name, "analysis", work)))
+        return JsonResponse(job.to_json(), status_code=202)
 
     async def submit_comparison(request: Request, kind: str, result_of) -> JsonResponse:
         """Check a comparison before queuing it (422 at once), then queue it as a job whose rows land one by
