@@ -1,4 +1,5 @@
-"""The `zigzag-viz` command line: analyze a prompt's layer signals, or compare methods against full KV."""
+"""The `zigzag-viz` command line: analyze a prompt's layer signals, compare methods against full KV, serve models,
+run sweeps of generated tasks and query the stored runs."""
 
 from __future__ import annotations
 
@@ -118,7 +119,97 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--token-file", default=None, metavar="PATH",
                        help="bearer token, first line of PATH (default: ZIGZAG_VIZ_TOKEN, else a new random token "
                             "printed once and written under the cache folder)")
+    sweep = commands.add_parser("sweep", help="run a grid of generated tasks and store it as a run (resumable)")
+    sweep.add_argument("--model", default="smollm2", help="smollm2, gemma3, tiny, or a local folder")
+    sweep.add_argument("--tasks", default="passkey", help="comma-separated: " + ", ".join(_task_names()))
+    sweep.add_argument("--lengths", type=_int_list, default=(1024,), help="prompt lengths in tokens, comma-separated")
+    sweep.add_argument("--depths", type=_float_list, default=(0.5,), help="needle depths in [0, 1], comma-separated")
+    sweep.add_argument("--samples", type=_positive_int, default=1, help="prompts per (task, family, length, depth)")
+    sweep.add_argument("--budgets", type=_float_list, default=(0.2, 0.5), help="kept fractions, comma-separated")
+    sweep.add_argument("--methods", default="full,uniform,zigzag", help="comma-separated method specs")
+    sweep.add_argument("--modes", default="aware", help="aware, context or both, comma-separated")
+    sweep.add_argument("--families", default="", help="prompt families (filler/key format/wording), default: each task's own")
+    sweep.add_argument("--window", type=_positive_int, default=32)
+    sweep.add_argument("--max-new-tokens", type=_positive_int, default=24)
+    sweep.add_argument("--seed", type=int, default=0)
+    sweep.add_argument("--out", required=True, metavar="FOLDER", help="the run's folder (runs/NAME); the same command continues it")
+
+    runs = commands.add_parser("runs", help="stored runs: list, show a summary, export rows")
+    runs.add_argument("action", choices=("list", "show", "export"))
+    runs.add_argument("name", nargs="?", default=None, help="the run (a folder under --root) for show and export")
+    runs.add_argument("--root", default="runs", help="folder holding the runs (default: runs)")
+    runs.add_argument("--format", choices=("csv", "parquet"), default="csv")
+    runs.add_argument("--to", default=None, metavar="PATH", help="export file (default: NAME.csv / NAME.parquet here)")
     return parser
+
+
+def _task_names() -> list[str]:
+    from .evaluation.tasks import TASKS
+
+    return list(TASKS)
+
+
+def _split(text: str, kind, name: str) -> tuple:
+    try:
+        values = tuple(kind(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise InputError(f"{name} must be comma-separated numbers, got {text!r:.60}") from None
+    if not values:
+        raise InputError(f"the sweep grid is empty: give at least one {name}")
+    return values
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return _split(text, int, "length")
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    return _split(text, float, "value")
+
+
+def run_sweep(args) -> int:
+    """Check the sweep and its folder before loading anything, then run what is not stored yet."""
+    from .evaluation.store import RunStore
+    from .evaluation.sweep import RateReporter, SweepSettings, run_sweep as sweep
+    from .pipeline.models import load_model
+
+    settings = SweepSettings(
+        model=args.model, tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), lengths=args.lengths,
+        depths=args.depths, samples=args.samples, budgets=args.budgets,
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+        families=tuple(f.strip() for f in args.families.split(",") if f.strip()), window=args.window,
+        max_new_tokens=args.max_new_tokens, seed=args.seed,
+    ).check()
+    store = RunStore.open(Path(args.out), settings.to_json())
+    report = RateReporter(lambda line: print(line, file=sys.stderr, flush=True))
+    written = sweep(load_model(settings.model), settings, store, report)
+    manifest = store.manifest()
+    print(f"{store.folder}: {manifest['rows_done']} of {manifest['rows_total']} rows stored ({written} new), "
+          f"{manifest['status']}")
+    return 0
+
+
+def run_runs(args) -> None:
+    import pandas as pd
+
+    from .evaluation.store import RunStore, check_run_name, export, runs_table, summary
+
+    root = Path(args.root)
+    if args.action == "list":
+        table = runs_table(root)
+        print(table.to_string(index=False) if len(table) else f"no runs under {root}")
+        return
+    if not args.name:
+        raise InputError(f"runs {args.action} needs the name of a run")
+    store = RunStore(root / check_run_name(args.name))
+    store.manifest()
+    if args.action == "show":
+        with pd.option_context("display.width", 200, "display.max_rows", 500):
+            print(summary(store).to_string(index=False))
+    else:
+        out = export(store, args.format, Path(args.to or f"{args.name}.{args.format}"))
+        print(f"wrote {out}")
 
 
 def _backend(args):
@@ -211,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
         if args.command == "serve":
             run_serve(args)
+        elif args.command == "sweep":
+            run_sweep(args)
+        elif args.command == "runs":
+            run_runs(args)
         elif args.command == "analyze":
             result = run_analyze(args)
             if args.json:

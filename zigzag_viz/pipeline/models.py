@@ -84,19 +84,25 @@ class LoadedModel:
             raise InputError("the prompt is empty: type or load some text first")
         if "\x00" in prompt:
             raise InputError("the prompt is not text (it contains NUL bytes)")
-        if self.use_chat_template:
-            messages = [{"role": "user", "content": prompt}]
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-        else:
-            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
+        ids = torch.as_tensor(self._token_ids(prompt), dtype=torch.long).reshape(1, -1)
         if ids.shape[1] > self.max_context:
             raise InputError(
                 f"the prompt has {ids.shape[1]} tokens; {self.name} accepts at most {self.max_context}"
             )
         return ids.to(self.device)
+
+    def _token_ids(self, prompt: str) -> list[int]:
+        if self.use_chat_template:
+            messages = [{"role": "user", "content": prompt}]
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            return list(ids)
+        return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+    def count_tokens(self, prompt: str) -> int:
+        """Tokens `encode` would give `prompt` (chat template included), whatever the model's context."""
+        return len(self._token_ids(prompt))
 
     def question_start(self, text: str, question: str, ids: torch.Tensor) -> int:
         """Index in `ids` (the encoding of `text`) of the first token of `question`, the last occurrence in `text`.
