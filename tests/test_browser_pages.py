@@ -135,3 +135,24 @@ def test_compare_page_on_smollm2_with_four_methods(browser, app_url, screenshot)
     assert second["y"] > first["y"] + first["height"]  # stacked: one answer under the other
     screenshot(page, "compare_smollm2_narrow.png")
     page.close()
+
+
+def test_runs_page_draws_a_stored_sweep(browser, tiny, tmp_path, screenshot):
+    from conftest import serving_app
+
+    from zigzag_viz.evaluation.store import RunStore
+    from zigzag_viz.evaluation.sweep import SweepSettings, run_sweep
+
+    settings = SweepSettings(model="tiny", tasks=("passkey", "vt"), lengths=(160, 224), depths=(0.2, 0.5, 0.8),
+                             samples=1, budgets=(0.3, 0.6), methods=("full", "uniform", "zigzag", "streaming"),
+                             modes=("aware",), families=("prose/digits5/plain",), window=16, max_new_tokens=4).check()
+    run_sweep(tiny, settings, RunStore.open(tmp_path / "runs" / "tiny-grid", settings.to_json()))
+    with serving_app(ZIGZAG_VIZ_RUNS=str(tmp_path / "runs")) as url:
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        page.goto(f"{url}/Runs")
+        page.get_by_text("Where the needle is lost").wait_for(timeout=60_000)
+        _wait_for_plots(page, 3, 60_000)
+        _idle(page)
+        assert "Traceback" not in page.content()
+        screenshot(page, "runs.png")
+        page.close()

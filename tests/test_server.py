@@ -440,3 +440,17 @@ def test_a_smollm2_comparison_on_the_server_equals_the_local_one(smollm2):
         same_rows(job["result"]["rows"], local_rows(smollm2, body))
     finally:
         application.state.server.close()
+
+
+def test_the_cli_on_a_backend_imports_neither_torch_nor_the_methods(tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("What is the capital of France?")
+    token = tmp_path / "token"
+    token.write_text("t0ken\n")
+    code = ("import sys; from zigzag_viz import cli; "
+            f"status = cli.main(['compare', '--backend', 'http://127.0.0.1:{_free_port()}', '--token-file', {str(token)!r}, "
+            f"'--prompt-file', {str(prompt)!r}, '--json']); "
+            "print(status, 'torch' in sys.modules, 'zigzag_viz.methods' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["2", "False", "False"], result.stderr
+    assert "cannot be reached" in result.stderr

@@ -15,8 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from .pipeline.budgets import kept_fraction  # noqa: E402
-from .pipeline.capture import SIGNALS  # noqa: E402
+from .pipeline.budgets import SIGNALS, kept_fraction  # noqa: E402
 from .errors import InputError, UserError  # noqa: E402
 from .serving.api import (  # noqa: E402
     DEFAULT_METHODS, AnalyzeOptions, CompareOptions, analysis_report, comparison_rows, configured_token, methods_listing,
@@ -233,8 +232,8 @@ def run_analyze(args) -> dict:
 def run_compare(args) -> list[dict]:
     """What `compare --json` prints, computed here or on the backend; writes the export when asked."""
     options = CompareOptions(args.model, read_prompt(args.prompt_file), args.methods, args.budget,
-                             args.max_new_tokens, args.window, args.answer, args.mode, args.question).check()
-    if args.backend:
+                             args.max_new_tokens, args.window, args.answer, args.mode, args.question)
+    if args.backend:  # the server checks the options with the same one-line messages
         with _backend(args) as backend:
             result = backend.compare(options, None if args.json else _progress_printer())
         rows, export = result["rows"], lambda: result["comparison"]
@@ -242,7 +241,7 @@ def run_compare(args) -> list[dict]:
         from .evaluation.runner import Runner
         from .pipeline.models import load_model
 
-        runner = Runner(load_model(options.model))
+        runner = Runner(load_model(options.check().model))
         comparison = runner.compare(options.request(runner))
         rows, export = comparison_rows(comparison), comparison.to_json
     if args.export:

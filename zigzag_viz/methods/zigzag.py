@@ -1,7 +1,7 @@
 """ZigZagKV: per-layer budgets in proportion to layer uncertainty, with a floor share ρ."""
 
 from ..pipeline.budgets import DEFAULT_RHO, zigzag_budgets
-from ..pipeline.capture import SIGNALS
+from ..pipeline.budgets import SIGNALS
 from .base import Parameter, TokenBudgetMethod, register
 
 

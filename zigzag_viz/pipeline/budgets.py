@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import BudgetError
 
+SIGNALS = ("lmba", "entropy", "hidden", "lmbo")  # the layer uncertainties a budget rule can follow (METHOD §2)
 DEFAULT_RHO = 0.2
 DEFAULT_BETA = 20.0
 

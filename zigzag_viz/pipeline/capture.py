@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from . import attention
+from .budgets import SIGNALS
 from .selection import keep_top, snapkv_scores
 
-SIGNALS = ("lmba", "entropy", "hidden", "lmbo")
 LMBO_GRID = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 LMBO_THRESHOLD = 0.99
 MAX_BINS = 512

@@ -6,6 +6,7 @@ import html
 from typing import Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -457,8 +458,6 @@ def kv_cache_bytes(tokens_per_layer: Sequence[int], num_kv_heads: int, head_dim:
 def kv_bytes_table(curves: Mapping[str, Sequence[int]], caps: Sequence[int], num_kv_heads: int, head_dim: int,
                    bytes_per_element: float):
     """One row per method plus `full` (every layer holding its cap): tokens held, KV bytes, MiB, share of full."""
-    import pandas as pd
-
     full = kv_cache_bytes(caps, num_kv_heads, head_dim, bytes_per_element)
     rows = [("full", int(np.sum(caps)), full)] + [
         (name, int(np.sum(b)), kv_cache_bytes(b, num_kv_heads, head_dim, bytes_per_element)) for name, b in curves.items()
@@ -477,8 +476,6 @@ def layer_signals_table(entropy: np.ndarray, entropy_norm: np.ndarray, lmba_head
     """Per-layer signals as a dataframe: entropy (nats) and normalised entropy, means over heads of (L, H_q);
     LMBA mean, min and max over heads (share of tokens); hidden change (L,); LMBO (L,) when given; cap and
     whether the layer is a sliding-window layer."""
-    import pandas as pd
-
     lmba_heads = np.asarray(lmba_heads, dtype=float)
     frame = pd.DataFrame({
         "layer": np.arange(len(caps)),
@@ -498,8 +495,6 @@ def layer_signals_table(entropy: np.ndarray, entropy_norm: np.ndarray, lmba_head
 
 def layer_budgets_table(curves: Mapping[str, Sequence[int]], signal: np.ndarray, signal_name: str, caps: np.ndarray):
     """Per layer: the uncertainty signal s_l, its share u_l, the cap and the tokens each rule keeps."""
-    import pandas as pd
-
     signal = np.asarray(signal, dtype=float)
     share = signal / signal.sum() if signal.sum() > 0 else np.full(len(signal), 1 / max(len(signal), 1))
     frame = pd.DataFrame({"layer": np.arange(len(signal)), signal_name: signal.round(6), "share_u": share.round(5),
@@ -507,3 +502,52 @@ def layer_budgets_table(curves: Mapping[str, Sequence[int]], signal: np.ndarray,
     for name, budgets in curves.items():
         frame[name] = np.asarray(budgets, dtype=np.int64)
     return frame
+
+
+def accuracy_curves_figure(table: pd.DataFrame, title: str) -> go.Figure:
+    """Mean score against kept fraction, one line per method (and run, when the table has a `run` column), with
+    Wilson intervals over the prompts as error bars; `table` is `aggregate.accuracy_table` of one task and mode."""
+    fig = go.Figure()
+    runs = list(dict.fromkeys(table["run"])) if "run" in table else [None]
+    for run_index, run in enumerate(runs):
+        part = table if run is None else table[table["run"] == run]
+        for method, group in part.groupby("method", sort=False):
+            group = group.sort_values("budget")
+            name = method if run is None else f"{method} · {run}"
+            fig.add_trace(go.Scatter(
+                x=group["budget"], y=group["score"], mode="lines+markers", name=name,
+                line=dict(color=method_colour(method), dash="solid" if run_index == 0 else "dash"),
+                error_y=dict(type="data", symmetric=False, array=group["score_high"] - group["score"],
+                             arrayminus=group["score"] - group["score_low"], thickness=1),
+                customdata=np.stack([group["prompts"], group["kv_fraction"]], axis=-1),
+                hovertemplate=f"{name}<br>kept %{{x:.0%}}<br>score %{{y:.2f}} (%{{customdata[0]}} prompts)"
+                              "<br>KV held %{customdata[1]:.0%}<extra></extra>",
+            ))
+    fig.update_xaxes(title_text="kept fraction", tickformat=".0%")
+    fig.update_yaxes(title_text="score (mean over prompts)", range=[-0.05, 1.05])
+    return _layout(fig, title)
+
+
+def kl_budget_figure(table: pd.DataFrame, title: str) -> go.Figure:
+    """Mean KL(full ‖ method) in nats against kept fraction, one line per method (full KV left out)."""
+    fig = go.Figure()
+    for method, group in table[table["method"] != "full"].groupby("method", sort=False):
+        group = group.sort_values("budget")
+        fig.add_trace(go.Scatter(x=group["budget"], y=group["kl_mean"], mode="lines+markers", name=method,
+                                 line=dict(color=method_colour(method)),
+                                 hovertemplate=f"{method}<br>kept %{{x:.0%}}<br>KL %{{y:.3f}} nats<extra></extra>"))
+    fig.update_xaxes(title_text="kept fraction", tickformat=".0%")
+    fig.update_yaxes(title_text="KL(full ‖ method), nats", rangemode="tozero")
+    return _layout(fig, title)
+
+
+def depth_length_figure(grid: pd.DataFrame, title: str) -> go.Figure:
+    """Needle depth × prompt length heatmap of mean score (the needle-in-a-haystack picture)."""
+    fig = go.Figure(go.Heatmap(
+        z=grid.to_numpy(), x=[str(c) for c in grid.columns], y=[f"{d:.0%}" for d in grid.index], zmin=0, zmax=1,
+        colorscale="RdYlGn", colorbar=dict(title="score"), text=np.round(grid.to_numpy(), 2), texttemplate="%{text}",
+        hovertemplate="length %{x} tokens<br>depth %{y}<br>score %{z:.2f}<extra></extra>",
+    ))
+    fig.update_xaxes(title_text="prompt length (tokens)", type="category")
+    fig.update_yaxes(title_text="needle depth", type="category")
+    return _layout(fig, title, height=320)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import Callable, TypeVar
 
 import pandas as pd
@@ -12,6 +13,7 @@ import streamlit as st
 
 from ..errors import UserError
 from ..evaluation.runner import LruCache
+from ..evaluation.store import RunStore
 from ..methods import METHODS, CompressionMethod, Parameter, parse_specs
 from ..pipeline.models import EMBEDDED_MODELS, LoadedModel, load_model
 from ..serving.api import TOKEN_ENV, CompareOptions
@@ -279,3 +281,19 @@ def was_cancelled() -> bool:
 def default_comparison_models() -> list[str]:
     """The two models the cross-model view starts with: SmolLM2 and Gemma 3 when embedded, else SmolLM2 and tiny."""
     return ["smollm2", "gemma3"] if "gemma3" in EMBEDDED_MODELS else ["smollm2", "tiny"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stored runs (the Runs page).
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _stored_rows(folder: str, version: tuple) -> pd.DataFrame:
+    return RunStore(Path(folder)).frame()
+
+
+def run_rows(folder: Path) -> tuple[dict, pd.DataFrame]:
+    """A run's manifest and rows, read again only when the run changed (its manifest's time or its shards)."""
+    store = RunStore(folder)
+    manifest = store.manifest()
+    return manifest, _stored_rows(str(folder), (manifest.get("updated"), tuple(p.name for p in store.shards())))

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from ..pipeline.budgets import kept_fraction
-from ..pipeline.capture import SIGNALS
+from ..pipeline.budgets import SIGNALS, kept_fraction
 
 DEFAULT_METHODS = "full,zigzag,pyramid,uniform"
 TOKEN_ENV = "ZIGZAG_VIZ_TOKEN"

@@ -6,6 +6,7 @@ would have made it.
     result = backend.compare(CompareOptions(...), on_progress=show)     # {"rows": ..., "comparison": ...}
     view = backend.comparison_view(CompareOptions(...), on_progress=show)  # the app's ComparisonResult
 
+The command line's calls import neither torch nor the methods: the server checks the request.
 Every failure is a UserError with one line: the server's own message for bad input, a failed job or a full
 queue, and `the backend at URL ...` when it cannot be reached, refuses the token or goes away mid-run.
 """
@@ -13,14 +14,15 @@ queue, and `the backend at URL ...` when it cannot be reached, refuses the token
 from __future__ import annotations
 
 import json
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import httpx
 
 from ..errors import InputError, OutOfMemoryError, UserError
-from ..presentation.views import AnalysisResult, ComparisonResult
-from . import wire
 from .api import AnalyzeOptions, CompareOptions
+
+if TYPE_CHECKING:
+    from ..presentation.views import AnalysisResult, ComparisonResult
 
 CONNECT_TIMEOUT_S = 10.0
 EVENT_TIMEOUT_S = 60.0  # the server sends a keep-alive every 15 s while a job waits or runs
@@ -71,12 +73,16 @@ class Backend:
     def analysis_view(self, options: AnalyzeOptions,
                       on_progress: Callable[[dict], None] | None = None) -> AnalysisResult:
         """The app's analysis of `options.prompt`, run as a job on the server; progress as in `compare`."""
+        from ..presentation.views import AnalysisResult
+
         job = self._call("POST", "/views/analysis", json=options.to_json())
         return self._view(self._follow(job, on_progress), AnalysisResult)
 
     def comparison_view(self, options: CompareOptions,
                         on_progress: Callable[[dict], None] | None = None) -> ComparisonResult:
         """The app's comparison for `options`, run as a job on the server; progress as in `compare`."""
+        from ..presentation.views import ComparisonResult
+
         job = self._call("POST", "/views/compare", json=options.to_json())
         return self._view(self._follow(job, on_progress), ComparisonResult)
 
@@ -96,6 +102,8 @@ class Backend:
         return self._result(record)
 
     def _view(self, value, kind: type):
+        from . import wire  # the pages' classes (and torch) only for the app's calls
+
         result = wire.decode(value)
         if not isinstance(result, kind):
             raise BackendError(f"the backend at {self.url} answered with something that is not a {kind.__name__}")

@@ -1,0 +1,81 @@
+"""Sweep summaries (pure) and the Runs page on a run made by a small sweep of the tiny model (AppTest)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from zigzag_viz.evaluation import aggregate
+from zigzag_viz.evaluation.store import RunStore
+from zigzag_viz.evaluation.sweep import SweepSettings, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wilson_intervals_match_the_formula_and_stay_in_bounds():
+    low, high = aggregate.wilson_interval(8, 12)
+    assert (round(low, 4), round(high, 4)) == (0.3906, 0.8619)  # by hand: centre 0.6263, half-width 0.2356
+    assert aggregate.wilson_interval(0, 5)[0] == 0.0 and aggregate.wilson_interval(5, 5)[1] == 1.0
+    assert aggregate.wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def _rows(scores: dict) -> pd.DataFrame:
+    """Rows of one task and mode: {(method, budget): [score per prompt]}."""
+    lines = [{"task": "passkey", "mode": "aware", "method": m, "budget": b, "score": s, "kv_fraction": b,
+              "kl_mean": 1 - b, "depth": 0.1 * (i % 3), "length": 1024 * (1 + i // 3)}
+             for (m, b), values in scores.items() for i, s in enumerate(values)]
+    return pd.DataFrame(lines)
+
+
+def test_smallest_lossless_needs_every_larger_fraction_to_match_full():
+    rows = _rows({("full", 1.0): [1, 1, 1, 1], ("uniform", 0.2): [1, 1, 1, 1], ("uniform", 0.5): [1, 0, 1, 1],
+                  ("uniform", 0.7): [1, 1, 1, 1], ("zigzag", 0.2): [0, 0, 0, 0], ("zigzag", 0.5): [0, 1, 0, 0],
+                  ("zigzag", 0.7): [1, 1, 0, 1]})
+    table = aggregate.smallest_lossless(rows).set_index("method")
+    assert table.loc["uniform", "smallest_lossless"] == 0.7  # 0.2 matched, but 0.5 did not
+    assert np.isnan(table.loc["zigzag", "smallest_lossless"])
+    accuracy = aggregate.accuracy_table(rows).set_index(["method", "budget"])
+    assert accuracy.loc[("uniform", 0.5), "score"] == 0.75 and accuracy.loc[("uniform", 0.5), "prompts"] == 4
+    assert accuracy.loc[("uniform", 0.5), "score_low"] < 0.75 < accuracy.loc[("uniform", 0.5), "score_high"]
+
+
+def test_depth_length_grid_is_the_mean_score_per_cell():
+    rows = _rows({("uniform", 0.5): [1, 0, 1, 0, 0, 1]})
+    grid = aggregate.depth_length_grid(rows, "uniform", "aware", 0.5)
+    assert grid.shape == (3, 2) and grid.loc[0.0, 1024] == 1 and grid.loc[0.1, 1024] == 0 and grid.loc[0.2, 2048] == 1
+
+
+@pytest.fixture(scope="module")
+def runs_root(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    for name, methods in (("first", ("full", "uniform", "zigzag")), ("second", ("full", "streaming"))):
+        settings = SweepSettings(model="tiny", tasks=("passkey", "niah_single"), lengths=(160, 224), depths=(0.2, 0.8),
+                                 samples=1, budgets=(0.3, 0.6), methods=methods, modes=("aware",),
+                                 families=("prose/digits5/plain",), window=16, max_new_tokens=4).check()
+        run_sweep(tiny, settings, RunStore.open(root / name, settings.to_json()))
+    return root
+
+
+def test_the_runs_page_lists_runs_and_draws_a_run_and_a_comparison(runs_root, monkeypatch):
+    monkeypatch.setenv("ZIGZAG_VIZ_RUNS", str(runs_root))
+    at = AppTest.from_file(str(ROOT / "pages" / "4_Runs.py"), default_timeout=120)
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.selectbox(key="run_name").options == ["first", "second"]
+    assert len(at.get("plotly_chart")) == 3  # score, KL, depth × length
+    at.selectbox(key="run_other").set_value("second").run()
+    assert not at.exception
+    names = {trace["name"] for trace in json.loads(at.get("plotly_chart")[0].proto.spec)["data"]}
+    assert {"streaming · second", "zigzag · first", "full · first", "full · second"} <= names
+    at.selectbox(key="run_task").set_value("passkey").run()
+    assert not at.exception and any("smallest" in h.value.lower() for h in at.subheader)
+
+
+def test_the_runs_page_without_runs_says_how_to_make_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZIGZAG_VIZ_RUNS", str(tmp_path / "empty"))
+    at = AppTest.from_file(str(ROOT / "pages" / "4_Runs.py"), default_timeout=60)
+    at.run()
+    assert not at.exception and "zigzag-viz sweep" in at.info[0].value
