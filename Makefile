@@ -48,6 +48,8 @@ bench: install
 	$(PY) benchmarks/method_quality.py --model smollm2
 	$(PY) benchmarks/load_time.py
 	$(PY) benchmarks/backend_overhead.py
+	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then $(PY) benchmarks/gpu_bench.py; \
+	else echo "no GPU here: benchmarks/gpu_bench.py skipped"; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache tests/artifacts
