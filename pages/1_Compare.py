@@ -5,7 +5,7 @@ import json
 import streamlit as st
 
 from zigzag_viz.presentation import charts, ui
-from zigzag_viz.pipeline.budgets import budget_curves
+from zigzag_viz.pipeline.budgets import budget_curves, prompt_share
 from zigzag_viz.pipeline.capture import bins_of
 from zigzag_viz.evaluation.prompts import EXAMPLES
 from zigzag_viz.presentation.views import ComparisonResult
@@ -26,7 +26,8 @@ with st.sidebar:
     backend = ui.backend_picker()
     model_name = ui.model_picker(backend)
     budget = st.slider("Kept fraction of the prompt", 0.05, 1.0, 0.3, 0.05,
-                       help="Average share of the compressed prompt's tokens each layer keeps")
+                       help="Share of what full KV holds for the compressed prompt (every layer's own length: a "
+                            "sliding-window layer holds fewer tokens) that each method keeps")
     mode = st.radio("Setting", list(MODES), format_func=MODES.get, key="mode")
     window = st.number_input("Observation window w (tokens)", min_value=1, max_value=512, value=32,
                              help="The last w queries score the tokens; the last w tokens are always kept")
@@ -80,8 +81,12 @@ result = shown.comparison
 analysis = result.analysis
 compressed = (f"{result.n_context} context tokens compressed, {result.n_tokens - result.n_context} question tokens "
               "fed after" if result.mode == "context" else "all of them compressed")
+share = ""
+if analysis.sliding_layers.any():
+    share = (f" of full KV (= {prompt_share(result.budget, analysis.n_tokens, analysis.layer_caps):.2f} of the prompt's "
+             f"tokens per layer: sliding-window layers hold at most {int(analysis.layer_caps.min())})")
 st.caption(f"{result.model} on {shown.device} · {result.n_tokens} prompt tokens ({compressed}) · {result.mode} mode · "
-           f"kept fraction {result.budget:g} · window {result.window}")
+           f"kept fraction {result.budget:g}{share} · window {result.window}")
 
 st.subheader("Answers side by side")
 per_row = min(4, max(len(result.results), 1))

@@ -47,8 +47,8 @@ def budget_panel() -> None:
     result: AnalysisResult = st.session_state["budgets_analysis"]
     analysis = result.analysis
     n, w, caps = analysis.n_tokens, analysis.window, analysis.layer_caps
-    low, _ = budgets.bounds(analysis.num_layers, n, w, caps)
-    smallest = low.sum() / (analysis.num_layers * n)
+    low, high = budgets.bounds(analysis.num_layers, n, w, caps)
+    smallest = low.sum() / high.sum()
     st.caption(
         f"{result.model} on {result.device} · {n} prompt tokens · {analysis.num_layers} layers · window w = {w} "
         f"(fixed by the analysis) · smallest feasible kept fraction ≈ {smallest:.3f}"
@@ -56,8 +56,11 @@ def budget_panel() -> None:
     signals = ["lmba", "entropy", "hidden"] + (["lmbo"] if analysis.lmbo_cos is not None else [])
     col_a, col_b, col_c = st.columns(3)
     with col_a:
-        fraction = st.slider("Kept fraction", 0.05, 1.0, 0.2, 0.01, help="Average share of the prompt each layer keeps",
-                             key="budget_fraction")
+        fraction = st.slider("Kept fraction", 0.05, 1.0, 0.2, 0.01, key="budget_fraction",
+                             help="Share of what full KV holds (every layer's own length) that the rules keep in all")
+        if analysis.sliding_layers.any():
+            st.caption(f"= {budgets.prompt_share(fraction, n, caps):.2f} of the prompt's tokens per layer on average: "
+                       f"{int(analysis.sliding_layers.sum())} sliding-window layers hold at most {int(caps.min())} tokens")
         signal_name = st.radio("ZigZag signal", signals, horizontal=True,
                                help="Per-layer uncertainty s_l that ZigZag shares the budget by (lmbo needs the deep analysis)",
                                key="budget_signal")

@@ -205,7 +205,7 @@ class Runner:
         if any(m.stage == "tokens" and not m.lossless for m in methods):
             caps = expected_layer_caps(self.loaded, split)
             for fraction in fractions:
-                check_feasible(len(caps), average_budget(fraction, split), split, min(window, split), caps=caps)
+                check_feasible(len(caps), average_budget(fraction, split, caps), split, min(window, split), caps=caps)
         return Request(prompt, input_ids, split, asked, methods, fractions, mode, window, max_new_tokens,
                        answer if answer and answer.strip() else None)
 

@@ -57,7 +57,7 @@ class CompressionContext:
 
     @property
     def avg_budget(self) -> float:
-        return average_budget(self.budget, self.analysis.n_tokens)
+        return average_budget(self.budget, self.analysis.n_tokens, self.analysis.layer_caps)
 
 
 @dataclass

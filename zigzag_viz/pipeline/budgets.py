@@ -2,7 +2,8 @@
 
 Every rule returns integer tokens per layer, shape (L,), with Σ B_l = round(L·B_avg) and each
 B_l in [min(w, cap_l), cap_l], where cap_l is what layer l can hold: n, or its sliding window when smaller
-(`caps`, optional, shape (L,)).
+(`caps`, optional, shape (L,)). A kept fraction f means B_avg = f · mean(cap_l): a share of what full KV holds,
+so the same f keeps the same share of the cache's bytes on models with and without sliding-window layers.
 """
 
 from __future__ import annotations
@@ -40,9 +41,17 @@ def kept_fraction(value, name: str = "budget") -> float:
     return fraction
 
 
-def average_budget(fraction: float, n_tokens: int) -> float:
-    """Average tokens per layer for a kept fraction 0 < fraction ≤ 1 of an n-token prompt."""
-    return kept_fraction(fraction) * n_tokens
+def average_budget(fraction: float, n_tokens: int, caps=None) -> float:
+    """Average tokens per layer for a kept fraction 0 < fraction ≤ 1 of what full KV holds: of the n-token
+    prompt in every layer, or with `caps` (L,) of each layer's own length (a sliding-window layer holds fewer),
+    so that the fraction is a share of the full cache's bytes on every model."""
+    held = n_tokens if caps is None else float(np.mean(np.minimum(np.asarray(caps, dtype=np.float64), n_tokens)))
+    return kept_fraction(fraction) * held
+
+
+def prompt_share(fraction: float, n_tokens: int, caps) -> float:
+    """The same kept fraction as a share of the prompt's tokens per layer (it differs when layers slide)."""
+    return average_budget(fraction, n_tokens, caps) / n_tokens
 
 
 def check_feasible(num_layers: int, avg_budget: float, n_tokens: int, window: int, caps=None) -> int:
@@ -50,7 +59,7 @@ def check_feasible(num_layers: int, avg_budget: float, n_tokens: int, window: in
     low, high = bounds(num_layers, n_tokens, window, caps)
     total = int(round(num_layers * avg_budget))
     if total < low.sum():
-        smallest = low.sum() / (num_layers * n_tokens)
+        smallest = low.sum() / high.sum()
         raise BudgetError(
             f"a budget of {avg_budget:.1f} tokens per layer is below the always-kept window of {low.max()} tokens "
             f"(prompt of {n_tokens} tokens): raise the budget to at least {smallest:.2f} or shrink the window"
@@ -158,7 +167,7 @@ def budget_curves(
 ) -> dict[str, np.ndarray]:
     """Tokens per layer (L,) under ZigZag (from `uncertainty`), PyramidKV and uniform at kept fraction `budget`."""
     num_layers = len(uncertainty)
-    avg = average_budget(budget, n_tokens)
+    avg = average_budget(budget, n_tokens, caps)
     return {
         "zigzag": zigzag_budgets(uncertainty, avg, n_tokens, window, rho=rho, caps=caps),
         "pyramid": pyramid_budgets(num_layers, avg, n_tokens, window, beta=beta, caps=caps),
