@@ -238,3 +238,15 @@ def test_a_sweep_on_smollm2_keeps_the_answers_full_kv_gives(smollm2, tmp_path):
     assert (full["score"] == 1.0).all(), full[["task", "family", "answer", "expected"]].to_string()
     assert frame["n_tokens"].between(900, 1024).all()
     assert (abs(frame.loc[frame.method == "uniform", "kv_fraction"] - 0.5) < 0.02).all()
+
+
+@pytest.mark.slow
+def test_a_sweep_over_a_two_worker_ray_cluster_gives_the_serial_rows(whole_run, tmp_path):
+    from zigzag_viz.evaluation.sweep import run_sweep_ray
+
+    settings = SETTINGS.check()
+    store = RunStore.open(tmp_path / "ray", settings.to_json())
+    lines = []
+    assert run_sweep_ray(settings, store, RateReporter(lines.append), workers=2) == settings.rows_total
+    assert store.manifest()["status"] == "complete" and lines[-1].startswith(f"rows {settings.rows_total}/")
+    pd.testing.assert_frame_equal(_rows_without_timings(store), _rows_without_timings(whole_run[0]))

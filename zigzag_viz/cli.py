@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--max-new-tokens", type=_positive_int, default=24)
     sweep.add_argument("--seed", type=int, default=0)
     sweep.add_argument("--out", required=True, metavar="FOLDER", help="the run's folder (runs/NAME); the same command continues it")
+    sweep.add_argument("--ray", action="store_true", help="spread prompts over a local Ray cluster (one worker per CPU or GPU)")
+    sweep.add_argument("--ray-address", default=None, metavar="ADDR", help="join the Ray cluster at ADDR instead")
+    sweep.add_argument("--workers", type=_positive_int, default=None, help="Ray workers (default: one per GPU, else per CPU)")
 
     runs = commands.add_parser("runs", help="stored runs: list, show a summary, export rows")
     runs.add_argument("action", choices=("list", "show", "export"))
@@ -169,7 +172,7 @@ def _float_list(text: str) -> tuple[float, ...]:
 def run_sweep(args) -> int:
     """Check the sweep and its folder before loading anything, then run what is not stored yet."""
     from .evaluation.store import RunStore
-    from .evaluation.sweep import RateReporter, SweepSettings, run_sweep as sweep
+    from .evaluation.sweep import RateReporter, SweepSettings, run_sweep as sweep, run_sweep_ray
     from .pipeline.models import load_model
 
     settings = SweepSettings(
@@ -182,7 +185,10 @@ def run_sweep(args) -> int:
     ).check()
     store = RunStore.open(Path(args.out), settings.to_json())
     report = RateReporter(lambda line: print(line, file=sys.stderr, flush=True))
-    written = sweep(load_model(settings.model), settings, store, report)
+    if args.ray or args.ray_address:
+        written = run_sweep_ray(settings, store, report, address=args.ray_address, workers=args.workers)
+    else:
+        written = sweep(load_model(settings.model), settings, store, report)
     manifest = store.manifest()
     print(f"{store.folder}: {manifest['rows_done']} of {manifest['rows_total']} rows stored ({written} new), "
           f"{manifest['status']}")

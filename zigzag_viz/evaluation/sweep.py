@@ -6,6 +6,7 @@ kept fraction against it through the runner, stored as Parquet shards of a run t
                              modes=("aware",))
     settings.check()                                  # before any model is loaded: one line for bad input
     run_sweep(load_model(settings.model), settings, RunStore.open(out, settings.to_json()), progress=print)
+    run_sweep_ray(settings, RunStore.open(out, settings.to_json()), address=None)   # or over a Ray cluster
 
 Rows are keyed by `store.KEY_COLUMNS`; a prompt whose rows are all stored is skipped, so running the same sweep
 again continues it and never writes a row twice. A kill loses at most the prompt in flight.
@@ -14,11 +15,12 @@ again continues it and never writes a row twice. A kill loses at most the prompt
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from ..errors import InputError
+from ..errors import InputError, UserError
 from ..methods import parse_specs
 from ..pipeline.budgets import kept_fraction
 from ..pipeline.models import LoadedModel
@@ -136,43 +138,130 @@ def record(prompt: TaskPrompt, row: MethodResult, n_tokens: int, seed: int) -> d
     }
 
 
-def run_sweep(loaded: LoadedModel, settings: SweepSettings, store: RunStore, progress: Progress | None = None) -> int:
-    """Run every prompt of `settings` not yet stored in `store`, one shard per prompt and mode; the rows written.
-    `progress(done, total, message)` hears each stored prompt (and may raise to stop between prompts)."""
-    if max(settings.lengths) > loaded.max_context:
-        raise InputError(f"a length of {max(settings.lengths)} tokens is beyond {loaded.name}'s context of "
-                         f"{loaded.max_context}")
+Cell = tuple  # (task, family, sample, length, depth)
+
+
+class PromptWorker:
+    """Makes the rows of one prompt and mode on a loaded model: where the model is, in this process or in a Ray
+    actor (which builds one from the settings and loads the model once)."""
+
+    def __init__(self, settings: SweepSettings | dict, loaded: LoadedModel | None = None):
+        if isinstance(settings, dict):
+            settings = SweepSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+        self.settings = settings
+        if loaded is None:
+            from ..pipeline.models import load_model
+
+            loaded = load_model(settings.model)
+        self.loaded = loaded
+        self.runner = Runner(loaded)
+
+    def max_context(self) -> int:
+        return self.loaded.max_context
+
+    def rows(self, cell: Cell, mode: str) -> list[dict]:
+        settings = self.settings
+        task, family, sample, length, depth = cell
+        prompt = TASKS[task].generate(length, depth, sample, family, self.loaded.count_tokens, settings.seed)
+        request = self.runner.request(prompt.context, list(settings.methods), list(settings.budgets), mode,
+                                      prompt.question, settings.window, settings.max_new_tokens)
+        n_tokens = int(request.input_ids.shape[1])
+        return [record(prompt, row, n_tokens, settings.seed) for row in self.runner.rows(request)]
+
+
+def _pending(settings: SweepSettings, done: set) -> list[tuple[Cell, str]]:
+    """(cell, mode) of every prompt that still lacks a row, in the sweep's order."""
+    return [(cell, mode) for cell in settings.cells() for mode in settings.modes
+            if not all((*cell, b, m, mode) in done for m in settings.methods for b in settings.budgets)]
+
+
+def _drive(settings: SweepSettings, store: RunStore, max_context: int, results, progress: Progress | None) -> int:
+    """Store the rows `results(pending)` yields as (cell, mode, rows), one shard each, and keep the manifest
+    up to date; the rows written."""
+    if max(settings.lengths) > max_context:
+        raise InputError(f"a length of {max(settings.lengths)} tokens is beyond {settings.model}'s context of "
+                         f"{max_context}")
     total = settings.rows_total
     store.remove_leftovers()
     done = store.done_keys()
-    store.update(status="running", rows_total=total, rows_done=len(done), model_max_context=loaded.max_context)
+    store.update(status="running", rows_total=total, rows_done=len(done), model_max_context=max_context)
     written = 0
-    runner = Runner(loaded)
     if progress is not None:
         progress(len(done), total, "starting" if not done else "continuing a stopped run")
     try:
-        for task, family, sample, length, depth in settings.cells():
-            for mode in settings.modes:
-                cell = (task, family, sample, length, depth)
-                if all((*cell, b, m, mode) in done for m in settings.methods for b in settings.budgets):
-                    continue
-                prompt = TASKS[task].generate(length, depth, sample, family, loaded.count_tokens, settings.seed)
-                request = runner.request(prompt.context, list(settings.methods), list(settings.budgets), mode,
-                                         prompt.question, settings.window, settings.max_new_tokens)
-                n_tokens = int(request.input_ids.shape[1])
-                rows = [record(prompt, row, n_tokens, settings.seed) for row in runner.rows(request)]
-                rows = [r for r in rows if row_key(r) not in done]
+        for (task, family, sample, length, depth), mode, rows in results(_pending(settings, done)):
+            rows = [r for r in rows if row_key(r) not in done]
+            if rows:
                 store.write_shard(rows, row_schema())
-                done.update(row_key(r) for r in rows)
-                written += len(rows)
-                store.update(rows_done=len(done))
-                if progress is not None:
-                    progress(len(done), total, f"{task} {family} length {length} depth {depth:g} sample {sample} {mode}")
+            done.update(row_key(r) for r in rows)
+            written += len(rows)
+            store.update(rows_done=len(done))
+            if progress is not None:
+                progress(len(done), total, f"{task} {family} length {length} depth {depth:g} sample {sample} {mode}")
     except BaseException:
         store.update(status="stopped", rows_done=len(done))
         raise
     store.update(status="complete" if len(done) >= total else "stopped", rows_done=len(done))
     return written
+
+
+def run_sweep(loaded: LoadedModel, settings: SweepSettings, store: RunStore, progress: Progress | None = None) -> int:
+    """Run every prompt of `settings` not yet stored in `store` on `loaded`, one shard per prompt and mode; the
+    rows written. `progress(done, total, message)` hears each stored prompt (and may raise to stop)."""
+    worker = PromptWorker(settings, loaded)
+
+    def results(pending):
+        for cell, mode in pending:
+            yield cell, mode, worker.rows(cell, mode)
+
+    return _drive(settings, store, loaded.max_context, results, progress)
+
+
+def run_sweep_ray(settings: SweepSettings, store: RunStore, progress: Progress | None = None,
+                  address: str | None = None, workers: int | None = None) -> int:
+    """The same sweep spread over Ray workers: a local cluster (`address` None) or the one at `address`. Each
+    worker is an actor that loads the model once (one GPU each when the cluster has GPUs, else one CPU); prompts
+    go to whichever worker is free and the rows are stored here as they come back, so the run is the serial
+    run's, timings aside."""
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        options = {"address": address} if address else {"num_cpus": workers or os.cpu_count() or 1}
+        ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False, **options)
+    try:
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        count = workers or gpus or max(int(resources.get("CPU", 1)), 1)
+        actor = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)(PromptWorker)
+        actors = [actor.remote(settings.to_json()) for _ in range(count)]
+        max_context = ray.get(actors[0].max_context.remote())
+
+        def results(pending):
+            queue = list(pending)
+            running = {}
+            for worker in actors:
+                if queue:
+                    cell, mode = queue.pop(0)
+                    running[worker.rows.remote(cell, mode)] = (worker, cell, mode)
+            while running:
+                finished, _ = ray.wait(list(running), num_returns=1)
+                worker, cell, mode = running.pop(finished[0])
+                if queue:
+                    next_cell, next_mode = queue.pop(0)
+                    running[worker.rows.remote(next_cell, next_mode)] = (worker, next_cell, next_mode)
+                try:
+                    rows = ray.get(finished[0])
+                except ray.exceptions.RayTaskError as exc:  # a worker's one-line error stays one line
+                    if isinstance(exc.cause, UserError):
+                        raise exc.cause from None
+                    raise
+                yield cell, mode, rows
+
+        return _drive(settings, store, max_context, results, progress)
+    finally:
+        if started_here:
+            ray.shutdown()
 
 
 def row_key(row: dict) -> tuple:
