@@ -8,6 +8,8 @@ from zigzag_viz.presentation import charts, ui
 from zigzag_viz.pipeline.budgets import budget_curves, prompt_share
 from zigzag_viz.pipeline.capture import bins_of
 from zigzag_viz.evaluation.prompts import EXAMPLES
+from zigzag_viz.evaluation.store import check_run_name
+from zigzag_viz.evaluation.sweep import save_comparison
 from zigzag_viz.presentation.views import ComparisonResult
 from zigzag_viz.serving.api import CompareOptions
 
@@ -107,6 +109,15 @@ st.subheader("Metrics")
 ui.show_table(result.table(), "comparison")
 st.download_button("Whole comparison as JSON (rows, curves, kept-token maps)", json.dumps(result.to_json()),
                    file_name="comparison.json", mime="application/json", key="json_comparison", on_click="ignore")
+
+with st.expander("Save this comparison into the run store (then open it on the Runs page)"):
+    run_name = st.text_input("Run name", value=f"compare-{result.model}-{result.mode}-{result.budget:g}", key="save_run_name",
+                             help=f"A folder under {ui.runs_root()} (letters, digits, '.', '-', '_')")
+    if st.button("Save", key="save_run"):
+        saved = ui.run_safely(lambda: save_comparison(result, ui.runs_root() / check_run_name(run_name.strip())),
+                              "Saving the comparison")
+        if saved is not None:
+            st.success(f"Saved as {saved.folder}: {len(result.results)} rows.")
 
 curves_tab, kept_tab, budgets_tab, bytes_tab, why_tab = st.tabs(
     ["KL and top-1 per step", "Kept-token map", "Tokens per layer", "KV bytes", "Why these budgets"]

@@ -1,6 +1,5 @@
 """Runs: stored sweeps of generated tasks: how often each method keeps the answer, at what memory, and where."""
 
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +18,7 @@ st.caption("Sweeps stored by `zigzag-viz sweep … --out runs/NAME`: every (task
 
 with st.sidebar:
     st.header("Runs")
-    root = Path(st.text_input("Runs folder", value=os.environ.get("ZIGZAG_VIZ_RUNS", "runs"),
+    root = Path(st.text_input("Runs folder", value=str(ui.runs_root()),
                               help="The folder that holds one sub-folder per run"))
 
 listing = ui.run_safely(lambda: runs_table(root), "Reading the runs")
@@ -66,8 +65,11 @@ def show_run() -> None:
     method = a.selectbox("Method", sorted(chosen["method"].unique()), key="run_method")
     budget = b.selectbox("Kept fraction", sorted(chosen["budget"].unique()), key="run_budget", format_func="{:.0%}".format)
     grid = aggregate.depth_length_grid(chosen, method, mode, budget)
-    ui.show_figure(charts.depth_length_figure(grid, f"{method} at {budget:.0%} kept: score by needle depth and length"),
-                   "depth by length")
+    if grid.empty:
+        st.info("These rows record no needle depth (a saved comparison without a known answer).")
+    else:
+        ui.show_figure(charts.depth_length_figure(grid, f"{method} at {budget:.0%} kept: score by needle depth and "
+                                                  "length"), "depth by length")
     st.subheader("Smallest kept fraction that matches full KV")
     ui.show_table(aggregate.smallest_lossless(rows), "smallest lossless fraction")
     st.subheader("Per task, method, mode and kept fraction")

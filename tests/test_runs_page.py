@@ -79,3 +79,29 @@ def test_the_runs_page_without_runs_says_how_to_make_one(tmp_path, monkeypatch):
     at = AppTest.from_file(str(ROOT / "pages" / "4_Runs.py"), default_timeout=60)
     at.run()
     assert not at.exception and "zigzag-viz sweep" in at.info[0].value
+
+
+def test_a_comparison_from_the_compare_page_is_saved_into_the_store_and_opens_on_the_runs_page(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZIGZAG_VIZ_RUNS", str(tmp_path / "runs"))
+    at = AppTest.from_file(str(ROOT / "pages" / "1_Compare.py"), default_timeout=300)
+    at.run()
+    at.selectbox(key="model").set_value("tiny")
+    at.multiselect(key="methods").set_value(["full", "zigzag", "uniform"])
+    next(n for n in at.number_input if n.label == "Max new tokens").set_value(4)
+    next(b for b in at.button if b.label == "Run").click().run()
+    assert not at.exception and not at.error
+    at.text_input(key="save_run_name").set_value("my-comparison")
+    at.button(key="save_run").click().run()
+    assert not at.error and "Saved as" in at.success[0].value
+    store = RunStore(tmp_path / "runs" / "my-comparison")
+    rows = store.frame()
+    shown = at.session_state["comparison"].comparison
+    assert list(rows["method"]) == ["full", "zigzag", "uniform"]
+    assert list(rows["answer"]) == [r.text for r in shown.results]
+    assert rows["task"].unique().tolist() == ["compare"] and rows["depth"].between(0, 1).all()
+    at.button(key="save_run").click().run()
+    assert [e.value for e in at.error] == [f"Saving the comparison: {store.folder} already holds this comparison"]
+
+    runs = AppTest.from_file(str(ROOT / "pages" / "4_Runs.py"), default_timeout=60)
+    runs.run()
+    assert not runs.exception and runs.selectbox(key="run_name").options == ["my-comparison"]

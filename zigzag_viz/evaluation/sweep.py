@@ -15,16 +15,18 @@ again continues it and never writes a row twice. A kill loses at most the prompt
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 from ..errors import InputError, UserError
 from ..methods import parse_specs
 from ..pipeline.budgets import kept_fraction
 from ..pipeline.models import LoadedModel
-from .compare import MODES, MethodResult
+from .compare import MODES, Comparison, MethodResult
 from .runner import Runner
 from .store import KEY_COLUMNS, RunStore
 from .tasks import TASKS, Family, TaskPrompt, parse_tasks, score
@@ -129,7 +131,7 @@ def record(prompt: TaskPrompt, row: MethodResult, n_tokens: int, seed: int) -> d
     return {
         "task": prompt.task, "family": prompt.family, "sample": prompt.sample, "length": prompt.length,
         "depth": prompt.depth, "budget": row.budget, "method": row.method, "mode": row.mode,
-        "score": score(prompt, row.text), "n_tokens": n_tokens, "kv_bytes": row.kv_bytes,
+        "score": score(prompt, row.text) if prompt.answers else float("nan"), "n_tokens": n_tokens, "kv_bytes": row.kv_bytes,
         "kv_fraction": row.kv_fraction, "kl_mean": row.kl_mean, "top1_agreement": row.top1_agreement,
         "rouge_l": row.rouge_l, "token_agreement": row.token_agreement, "first_divergence": row.first_divergence,
         "prefill_s": row.prefill_s, "analysis_s": row.analysis_s, "compress_s": row.compress_s,
@@ -262,6 +264,26 @@ def run_sweep_ray(settings: SweepSettings, store: RunStore, progress: Progress |
     finally:
         if started_here:
             ray.shutdown()
+
+
+def save_comparison(comparison: Comparison, folder) -> RunStore:
+    """Store a comparison (the Compare page's, the CLI's) as a run of one prompt: task "compare", family "custom",
+    depth the known answer's relative position in the compressed prompt (NaN without one), score the task score
+    (NaN without an answer); its settings name the model, mode, window and the prompt's digest."""
+    digest = hashlib.sha256(" ".join(comparison.prompt_tokens).encode("utf-8")).hexdigest()[:16]
+    settings = {"kind": "comparison", "model": comparison.model, "mode": comparison.mode, "window": comparison.window,
+                "budget": comparison.budget, "prompt_sha256": digest, "methods": [r.method for r in comparison.results]}
+    store = RunStore.open(Path(folder), settings)
+    if store.shards():
+        raise InputError(f"{store.folder} already holds this comparison")
+    positions = comparison.answer_positions
+    depth = positions[0] / comparison.n_context if positions else float("nan")
+    prompt = TaskPrompt("compare", "custom", comparison.n_tokens, depth, 0, "", comparison.question or "",
+                        (comparison.answer,) if comparison.answer else ())
+    rows = [record(prompt, row, comparison.n_tokens, 0) for row in comparison.results]
+    store.write_shard(rows, row_schema())
+    store.update(status="complete", rows_done=len(rows), rows_total=len(rows))
+    return store
 
 
 def row_key(row: dict) -> tuple:

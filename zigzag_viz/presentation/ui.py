@@ -292,6 +292,11 @@ def _stored_rows(folder: str, version: tuple) -> pd.DataFrame:
     return RunStore(Path(folder)).frame()
 
 
+def runs_root() -> Path:
+    """Where runs are stored: ZIGZAG_VIZ_RUNS, else runs/ in the working folder."""
+    return Path(os.environ.get("ZIGZAG_VIZ_RUNS", "runs"))
+
+
 def run_rows(folder: Path) -> tuple[dict, pd.DataFrame]:
     """A run's manifest and rows, read again only when the run changed (its manifest's time or its shards)."""
     store = RunStore(folder)
