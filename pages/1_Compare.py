@@ -52,8 +52,10 @@ answer = right.text_input("Known answer (optional, for the task score)", value=e
 if ui.was_cancelled():
     st.info("Run cancelled; the results below are from the last finished run.")
 if st.button("Run", type="primary"):
-    specs = tuple(dict.fromkeys(m.spec for m in methods))
-    if backend is None:
+    specs = tuple(dict.fromkeys(m.spec for m in methods or []))
+    if methods is None:
+        st.warning("Fix the method spec above first: nothing ran.")
+    elif backend is None:
         st.warning("Pick a backend that works in the sidebar first.")
     elif not specs:
         st.warning("Pick at least one method.")

@@ -191,10 +191,20 @@ def test_compare_page_offers_every_method_with_its_parameters_and_runs_compositi
     assert 0 < fraction["zigzag+kivi"] < min(fraction["zigzag"], fraction["kivi"])  # quantizes what ZigZag keeps
 
 
-def test_compare_page_reports_a_bad_spec_without_running():
+def test_compare_page_reports_a_bad_spec_without_running(monkeypatch):
+    import zigzag_viz.evaluation.runner as runner_module
+
+    def no_prefill(*_args, **_kwargs):
+        raise AssertionError("a run started with a bad spec")
+
+    monkeypatch.setattr(runner_module, "prefill_reference", no_prefill)
     at = _open(COMPARE)
-    at.text_input(key="methods_extra").set_value("zigzag+l2norm").run()
-    assert "different axes" in _messages(at)
+    for spec, message in (("zigzag+l2norm", "different axes"), ("uniform, nosuch", "nosuch"), ("zigzag[rho=", "rho")):
+        at.text_input(key="methods_extra").set_value(spec).run()
+        assert at.error[0].value.startswith("More specs: ") and message in at.error[0].value
+        next(b for b in at.button if b.label == "Run").click().run()
+        assert "Fix the method spec above first: nothing ran." in [w.value for w in at.warning]
+        assert "comparison" not in at.session_state
     _no_traceback(at)
 
 

@@ -133,8 +133,9 @@ def _parameter_widget(method: str, name: str, param: Parameter, key: str):
     return st.text_input(label, value=str(param.default), key=key, help=param.help)
 
 
-def method_picker(default: list[str], key: str = "methods") -> list[CompressionMethod]:
-    """Pick methods by name, then tune each one's parameters; returns method instances."""
+def method_picker(default: list[str], key: str = "methods") -> list[CompressionMethod] | None:
+    """Pick methods by name, then tune each one's parameters; returns method instances, or None (with the
+    message shown) while a typed spec cannot be read, so that a run never goes on without it."""
     names = st.multiselect(
         "Methods", list(METHODS), default=default, key=key,
         help="\n".join(f"- **{n}**: {cls.summary}" for n, cls in METHODS.items()),
@@ -152,7 +153,8 @@ def method_picker(default: list[str], key: str = "methods") -> list[CompressionM
             try:
                 methods.extend(parse_specs(extra))
             except UserError as exc:
-                st.error(str(exc))
+                st.error(f"More specs: {exc}")
+                return None
         if not names and not extra.strip():
             st.caption("Pick at least one method.")
     return methods
