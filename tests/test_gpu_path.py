@@ -45,14 +45,31 @@ def test_every_row_reports_its_own_peak_memory_and_none_off_the_gpu(tiny, monkey
     assert len(resets) == 3
 
 
-def test_the_gpu_benchmark_runs_at_tiny_shapes_on_the_cpu(tmp_path, capsys):
+def _script(name: str):
+    """A benchmark script loaded as a module."""
     import importlib.util
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
-    spec = importlib.util.spec_from_file_location("gpu_bench", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_prepared_gpu_check_passes_on_the_cpu(tmp_path):
+    check = _script("gpu_check")
+    out = tmp_path / "check.json"
+    assert check.main(["--device", "cpu", "--tokens", "300", "--new-tokens", "6", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    (result,) = record["checks"]
+    assert record["passed"] and result["dtype"] == "float32" and result["decode_path"] == "static ragged cache, eager"
+    assert max(result["capture_gap"].values()) < 1e-4
+    assert set(result["static_vs_dynamic"]) >= {"zigzag", "pyramid", "uniform", "adakv", "streaming", "l2norm"}
+    assert all(p["max_logit_gap"] < 1e-4 for p in result["static_vs_dynamic"].values())
+
+
+def test_the_gpu_benchmark_runs_at_tiny_shapes_on_the_cpu(tmp_path, capsys):
+    bench = _script("gpu_bench")
     assert bench.main(["--shape", "tiny"]) == 2  # no GPU and no --out: nothing written
     out = tmp_path / "gpu_cpu.json"
     args = ["--shape", "tiny", "--tokens", "64", "128", "--batch", "1", "2", "--decode-steps", "3", "--window", "8",
