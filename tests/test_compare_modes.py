@@ -12,7 +12,8 @@ from zigzag_viz.methods import METHODS, TokenBudgetMethod
 from zigzag_viz.evaluation.metrics import answer_token_positions, kept_token_map, rouge_l
 from zigzag_viz.evaluation.prompts import EXAMPLES, example_prompt, passkey_prompt, split_question
 
-TOKEN_METHODS = ["zigzag", "pyramid", "uniform", "streaming", "l2norm", "adakv", "uniform[select=hybrid]"]
+TOKEN_METHODS = ["zigzag", "pyramid", "uniform", "streaming", "l2norm", "adakv", "uniform[select=hybrid]", "expected",
+                 "zigzag[select=expected]"]
 
 
 def test_rouge_l_comes_from_rouge_score():

@@ -13,11 +13,12 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import torch
 
-from ..pipeline import cache as kvcache
-from ..pipeline.budgets import DEFAULT_BETA, DEFAULT_RHO, average_budget, pyramid_budgets, uniform_budgets, zigzag_budgets
-from ..pipeline.capture import PromptAnalysis
 from ..errors import InputError
-from ..pipeline.selection import SELECTORS, keep_top
+from ..pipeline import cache as kvcache
+from ..pipeline import runtime
+from ..pipeline.budgets import DEFAULT_BETA, DEFAULT_RHO, average_budget, pyramid_budgets, uniform_budgets, zigzag_budgets
+from ..pipeline.capture import PromptAnalysis, decoder_layers
+from ..pipeline.selection import SELECTOR_NEEDS, SELECTORS, LayerInputs, keep_top
 
 
 @dataclass(frozen=True)
@@ -170,12 +171,34 @@ class TokenBudgetMethod(CompressionMethod):
     def layer_budgets(self, context: CompressionContext) -> np.ndarray:
         """(L,) integer tokens kept per layer."""
 
+    default_select: ClassVar[str] = "snapkv"
+
+    @property
+    def selector(self) -> str:
+        return self.params.get("select", self.default_select)
+
+    @property
+    def prefill_needs(self) -> frozenset[str]:
+        return SELECTOR_NEEDS.get(self.selector, frozenset())
+
     def scores(self, cache, layer: int, context: CompressionContext) -> torch.Tensor:
         """(H_kv, held) keep-scores of the tokens one layer's cache holds (the last `held` of the prompt)."""
-        keys = kvcache.layer_keys(cache, layer)
+        a = context.analysis
+        entry = cache.layers[layer]
+        keys = entry.keys
         held = keys.shape[-2]
-        window_scores = torch.from_numpy(context.analysis.kv_scores(layer)[:, -held:]).to(keys.device)
-        return SELECTORS[self.params["select"]](window_scores, keys)
+        inputs = LayerInputs(torch.from_numpy(a.kv_scores(layer)[:, -held:]).to(keys.device), keys, entry.values,
+                             n_tokens=a.n_tokens)
+        if self.prefill_needs:
+            if a.window_queries is None or context.loaded is None:
+                raise InputError(f"{self.spec}: this selection needs the prefill's window queries and the model")
+            w = a.window_queries.shape[2]
+            inputs.queries = torch.from_numpy(a.window_queries[layer]).to(keys.device)
+            inputs.query_positions = torch.arange(a.n_tokens - w, a.n_tokens, device=keys.device)
+            inputs.rotation = runtime.rotation(context.loaded, layer)
+            attention_module = decoder_layers(context.loaded.model)[layer].self_attn
+            inputs.scaling = float(getattr(attention_module, "scaling", keys.shape[-1] ** -0.5))
+        return SELECTORS[self.selector](inputs)
 
     def compress(self, cache, context: CompressionContext) -> CompressionReport:
         budgets = self.budgets(context)

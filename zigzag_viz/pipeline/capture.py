@@ -28,7 +28,10 @@ MAX_BINS = 512
 
 
 # Records a prefill keeps only for the methods that declare them (`CompressionMethod.prefill_needs`).
-PREFILL_RECORDS = {"query_energy": "Σ over window queries of q_c² per channel and query head (ThinK)"}
+PREFILL_RECORDS = {
+    "query_energy": "Σ over window queries of q_c² per channel and query head (ThinK)",
+    "window_queries": "the window's queries per query head, RoPE applied (Expected Attention)",
+}
 
 
 class Cancelled(Exception):
@@ -46,6 +49,8 @@ class PromptAnalysis:
     layer_caps: (L,) most tokens a layer's cache holds after prefill (n, or sliding window − 1 when smaller).
     query_channel_energy: (L, H_q, d) Σ over window queries of q_c² per channel (RoPE applied); recorded only
         when the prefill is asked for "query_energy" (ThinK declares it), else None.
+    window_queries: (L, H_q, w, d) the last w queries, RoPE applied, at positions n − w … n − 1; recorded only
+        when asked for "window_queries" (the expected-attention selector declares it), else None.
     lmbo_cos: (L, G) deep mode only: cosine of the window output with only this layer compressed to
         each fraction of LMBO_GRID, against its full-cache output.
     """
@@ -59,6 +64,7 @@ class PromptAnalysis:
     kv_group: np.ndarray
     layer_caps: np.ndarray
     query_channel_energy: np.ndarray | None = None
+    window_queries: np.ndarray | None = None
     lmbo_cos: np.ndarray | None = None
 
     @property
@@ -218,6 +224,7 @@ class SignalRecorder:
         self.hidden: list[np.ndarray | None] = [None] * num_layers
         self.caps = np.zeros(num_layers, dtype=np.int64)
         self.query_energy: list[np.ndarray | None] = [None] * num_layers
+        self.window_queries: list[np.ndarray | None] = [None] * num_layers
         self.lmbo_cos = np.zeros((num_layers, len(LMBO_GRID))) if deep else None
         self.kv_group: np.ndarray | None = None
         self.n_tokens = 0
@@ -240,6 +247,8 @@ class SignalRecorder:
         self.rows[layer] = rows.cpu().numpy()
         if "query_energy" in self.needs:
             self.query_energy[layer] = query[0, :, n - w :, :].float().square().sum(1).cpu().numpy()
+        if "window_queries" in self.needs:
+            self.window_queries[layer] = query[0, :, n - w :, :].float().cpu().numpy()
         # A sliding layer's cache holds the last sliding_window − 1 tokens (the next token makes it sliding_window).
         self.caps[layer] = n if sliding_window is None else min(n, sliding_window - 1)
         group = query.shape[1] // key.shape[1]
@@ -286,6 +295,7 @@ class SignalRecorder:
             kv_group=self.kv_group,
             layer_caps=self.caps.copy(),
             query_channel_energy=np.stack(self.query_energy) if "query_energy" in self.needs else None,
+            window_queries=np.stack(self.window_queries) if "window_queries" in self.needs else None,
             lmbo_cos=self.lmbo_cos,
         )
 

@@ -16,7 +16,7 @@ import torch
 
 from .attention import observing
 from .capture import PromptAnalysis, recording
-from ..errors import OutOfMemoryError
+from ..errors import InputError, OutOfMemoryError
 from .models import LoadedModel
 
 
@@ -53,6 +53,26 @@ def _memory_guard():
         raise OutOfMemoryError(
             "the device ran out of memory: try a shorter prompt, fewer methods, or the CPU"
         ) from None
+
+
+def rotation(loaded: LoadedModel, layer: int) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """`rotation(offsets) → (cos, sin)`, each (len(offsets), d) float32: the RoPE of decoder layer `layer` at those
+    positions (a sliding-window layer of Gemma 3 has its own base), from the model's own rotary module."""
+    model = loaded.model
+    rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+    if rotary is None:
+        raise InputError(f"{loaded.name} has no rotary position embedding that expected attention can move queries with")
+    extra = {}
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        extra["layer_type"] = model.config.layer_types[layer]
+    probe = torch.zeros(1, device=loaded.device, dtype=torch.float32)
+
+    def at(offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():
+            cos, sin = rotary(probe, offsets.to(loaded.device).long()[None], **extra)
+        return cos[0].float(), sin[0].float()
+
+    return at
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -25,6 +25,7 @@ METHOD_COLOURS: dict[str, str] = {
     "think": "#17becf",
     "kivi": "#7f7f7f",
     "less": "#393b79",
+    "expected": "#c51b7d",
 }
 SIGNAL_COLOURS = {"entropy": "#6a3d9a", "lmba": "#d55e00", "hidden": "#1f78b4"}
 _FALLBACK = ["#1b9e77", "#e7298a", "#66a61e", "#a6761d", "#7570b3"]
