@@ -133,6 +133,16 @@ def decode_ms(loaded, cache, batch: int, start: int, steps: int, static: bool) -
     return 1000.0 * (time.perf_counter() - started) / steps
 
 
+def free_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def write(out: Path, record: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+
+
 def kv_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for entry in cache.layers for t in (entry.keys, entry.values))
 
@@ -162,13 +172,12 @@ def longest_analysis(loaded, start: int, limit: int, window: int, generator) -> 
         ids = torch.randint(loaded.config.vocab_size, (1, n), generator=generator).to(loaded.device)
         try:
             analysed_prefill_s(loaded, ids, window)
-        except OutOfMemoryError:
+        except (OutOfMemoryError, torch.OutOfMemoryError):
             failed_at = n
             break
         finally:
             del ids
-            if loaded.device.type == "cuda":
-                torch.cuda.empty_cache()
+            free_memory(loaded.device)
         longest, n = n, n * 2
     return {"longest_tokens": longest, "first_out_of_memory_tokens": failed_at, "limit_tokens": limit}
 
@@ -212,6 +221,7 @@ def main(argv=None) -> int:
     generator = torch.Generator().manual_seed(0)
     loaded = build(args.shape, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    out = args.out or RESULTS / f"gpu_{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}.json"
     memory = args.memory_bytes or (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None)
     plain_prefill(loaded, torch.zeros((1, 16), dtype=torch.long, device=device))  # first-call set-up, untimed
     rows = []
@@ -221,16 +231,18 @@ def main(argv=None) -> int:
             for kept in sorted(args.kept, reverse=True):
                 try:
                     row = measure_row(loaded, n, batch, kept, args, generator)
-                except OutOfMemoryError as exc:
-                    row = {"tokens": n, "batch": batch, "kept": kept, "error": str(exc)}
-                if batch == 1 and kept == max(args.kept) and "prefill_s" in row:
-                    ids = torch.randint(loaded.config.vocab_size, (1, n), generator=generator).to(device)
-                    plain_1 = row["prefill_s"]
-                    analysis_s = analysed_prefill_s(loaded, ids, args.window)
+                    if batch == 1 and kept == max(args.kept):
+                        ids = torch.randint(loaded.config.vocab_size, (1, n), generator=generator).to(device)
+                        plain_1 = row["prefill_s"]
+                        analysis_s = analysed_prefill_s(loaded, ids, args.window)
+                except (OutOfMemoryError, torch.OutOfMemoryError):
+                    row = {"tokens": n, "batch": batch, "kept": kept, "error": "out of memory"}
+                    free_memory(device)
                 if batch == 1 and analysis_s is not None:
                     row.update(analysis_s=round(analysis_s, 4), analysis_ratio=round(analysis_s / plain_1, 4))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                write(out, {"rows": rows, "complete": False})  # a later failure keeps what was measured
     for row in rows:
         full = [r for r in rows if (r["tokens"], r["batch"], r["kept"]) == (row["tokens"], row["batch"], 1.0) and "decode_ms" in r]
         if full and "decode_ms" in row:
@@ -244,9 +256,7 @@ def main(argv=None) -> int:
         "analysis": longest_analysis(loaded, min(args.tokens), args.max_analysis, args.window, generator),
         "torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
     }
-    out = args.out or RESULTS / f"gpu_{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    write(out, record)
     for row in rows:
         if "decode_ratio" in row:
             print(f"{row['tokens']:>6} tokens × {row['batch']}  kept {row['kept']:.1f}: decode {row['decode_ms']:.2f} ms/step "

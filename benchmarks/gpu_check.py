@@ -76,12 +76,14 @@ def check(device: torch.device, dtype: torch.dtype, tokens: int, new_tokens: int
     ids = torch.randint(1, SHAPE["vocab_size"], (1, tokens), generator=torch.Generator().manual_seed(1)).to(device)
     tolerance = TOLERANCE[dtype]
     gaps = capture_gap(loaded, ids, window=32)
-    pre = runtime.prefill(loaded, ids, 32)
+    specs = [n for n, cls in METHODS.items() if cls.stage == "tokens" and not cls.lossless
+             and not issubclass(cls, CalibratedMethod)]
+    pre = runtime.prefill(loaded, ids, 32, needs=frozenset().union(*(METHODS[s]().prefill_needs for s in specs)))
     full, _ = runtime.greedy_decode(loaded, kvcache.clone(pre.cache), pre.next_logits, pre.n_tokens, new_tokens,
                                     static=False)
     identity = {spec: decode(loaded, pre, spec, 1.0, new_tokens, static=None)[0] == full for spec in ("uniform", "zigzag")}
     paths = {}
-    for spec in [n for n, cls in METHODS.items() if cls.stage == "tokens" and not cls.lossless and not issubclass(cls, CalibratedMethod)]:
+    for spec in specs:
         dynamic, dynamic_logits = decode(loaded, pre, spec, 0.3, new_tokens, static=False)
         device_path, device_logits = decode(loaded, pre, spec, 0.3, new_tokens, static=None if device.type == "cuda" else True)
         steps = min(len(dynamic_logits), len(device_logits))

@@ -1,6 +1,8 @@
 """Compare: full KV against compressed caches on one prompt: answers, metrics, and which tokens each layer kept."""
 
 import json
+import re
+from pathlib import Path
 
 import streamlit as st
 
@@ -113,7 +115,8 @@ st.download_button("Whole comparison as JSON (rows, curves, kept-token maps)", j
                    file_name="comparison.json", mime="application/json", key="json_comparison", on_click="ignore")
 
 with st.expander("Save this comparison into the run store (then open it on the Runs page)"):
-    run_name = st.text_input("Run name", value=f"compare-{result.model}-{result.mode}-{result.budget:g}", key="save_run_name",
+    default_name = re.sub(r"[^\w.-]+", "-", f"compare-{Path(result.model).name}-{result.mode}-{result.budget:g}")
+    run_name = st.text_input("Run name", value=default_name, key="save_run_name",
                              help=f"A folder under {ui.runs_root()} (letters, digits, '.', '-', '_')")
     if st.button("Save", key="save_run"):
         saved = ui.run_safely(lambda: save_comparison(result, ui.runs_root() / check_run_name(run_name.strip())),

@@ -165,7 +165,7 @@ def test_a_shard_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
 
 def test_a_folder_of_another_sweep_and_a_damaged_manifest_are_refused(tmp_path):
     RunStore.open(tmp_path / "run", {"model": "tiny", "lengths": [1024]})
-    with pytest.raises(InputError, match="holds a sweep with other settings \\(lengths\\)"):
+    with pytest.raises(InputError, match="holds a run with other settings \\(lengths\\)"):
         RunStore.open(tmp_path / "run", {"model": "tiny", "lengths": [2048]})
     (tmp_path / "run" / "manifest.json").write_text("{not json")
     with pytest.raises(InputError, match="manifest .* cannot be read"):

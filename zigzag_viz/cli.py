@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--samples", type=_positive_int, default=1, help="prompts per (task, family, length, depth)")
     sweep.add_argument("--budgets", type=_float_list, default=(0.2, 0.5), help="kept fractions, comma-separated")
     sweep.add_argument("--methods", default="full,uniform,zigzag", help="comma-separated method specs")
-    sweep.add_argument("--modes", default="aware", help="aware, context or both, comma-separated")
+    sweep.add_argument("--modes", default="aware", help="aware, context, or aware,context")
     sweep.add_argument("--families", default="", help="prompt families (filler/key format/wording), default: each task's own")
     sweep.add_argument("--window", type=_positive_int, default=32)
     sweep.add_argument("--max-new-tokens", type=_positive_int, default=24)

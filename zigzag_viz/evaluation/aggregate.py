@@ -26,10 +26,11 @@ def wilson_interval(successes: float, count: int, z: float = 1.96) -> tuple[floa
 
 
 def accuracy_table(rows: pd.DataFrame) -> pd.DataFrame:
-    """One line per (task, method, mode, kept fraction): prompts, mean score with its Wilson interval, mean held
-    KV fraction and mean KL(full ‖ method) in nats."""
+    """One line per (task, method, mode, kept fraction): prompts with a score (NaN scores, from comparisons saved
+    without an answer, are left out), mean score with its Wilson interval, mean held KV fraction and mean
+    KL(full ‖ method) in nats."""
     grouped = rows.groupby(CELL, sort=True)
-    table = grouped.agg(prompts=("score", "size"), score=("score", "mean"), kv_fraction=("kv_fraction", "mean"),
+    table = grouped.agg(prompts=("score", "count"), score=("score", "mean"), kv_fraction=("kv_fraction", "mean"),
                         kl_mean=("kl_mean", "mean")).reset_index()
     bounds = [wilson_interval(s * n, n) for s, n in zip(table["score"], table["prompts"])]
     table["score_low"] = [low for low, _ in bounds]

@@ -12,6 +12,8 @@ count as not done, so the next run recomputes them; nothing else in the folder i
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
@@ -35,6 +37,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` whole or not at all: a temporary sibling, flushed, then renamed over it."""
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(handle, 0o666 & ~umask)  # mkstemp makes 0600; a stored run or export is an ordinary file
         with os.fdopen(handle, "wb") as file:
             file.write(data)
             file.flush()
@@ -89,8 +94,8 @@ class RunStore:
             if manifest.get("settings") != settings:
                 changed = sorted(k for k in set(settings) | set(manifest.get("settings", {}))
                                  if settings.get(k) != manifest.get("settings", {}).get(k))
-                raise InputError(f"{store.folder} holds a sweep with other settings ({', '.join(changed[:4])}); "
-                                 "give another --out or the same settings")
+                raise InputError(f"{store.folder} holds a run with other settings ({', '.join(changed[:4])}): "
+                                 "choose another run name (--out) or the same settings")
             return store
         store.folder.mkdir(parents=True, exist_ok=True)
         now = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -118,6 +123,20 @@ class RunStore:
         manifest = self.manifest()
         manifest.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
         self._write_manifest(manifest)
+
+    @contextlib.contextmanager
+    def writing(self):
+        """Hold the run for one writer (an flock on the run's folder itself, so the folder keeps only the manifest
+        and shards); InputError at once when another process is writing it."""
+        handle = os.open(self.folder, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise InputError(f"another sweep is writing {self.folder} now") from None
+            yield self
+        finally:
+            os.close(handle)
 
     def remove_leftovers(self) -> None:
         """Delete the temporary files a killed writer left (call only from the run's one writer)."""
@@ -207,7 +226,8 @@ def _query(store: RunStore, sql: str) -> pd.DataFrame:
 def summary(store: RunStore) -> pd.DataFrame:
     """Mean score, kv fraction and KL per task, method, mode and kept fraction, with the number of prompts."""
     return _query(store, """
-        SELECT task, method, mode, budget, count(*) AS prompts, round(avg(score), 4) AS score,
+        SELECT task, method, mode, budget, count(*) FILTER (WHERE NOT isnan(score)) AS prompts,
+               round(avg(score) FILTER (WHERE NOT isnan(score)), 4) AS score,
                round(avg(kv_fraction), 4) AS kv_fraction, round(avg(kl_mean), 4) AS kl_mean
         FROM rows GROUP BY ALL ORDER BY task, mode, method, budget""")
 

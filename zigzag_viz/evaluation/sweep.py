@@ -92,9 +92,10 @@ class SweepSettings:
     def cells(self) -> Iterator[tuple[str, str, int, int, float]]:
         """(task, family, sample, length, depth) of every prompt, in a fixed order."""
         for task in self.tasks:
+            depths = self.depths if TASKS[task].has_depth else self.depths[:1]  # no needle: one prompt per length
             for family in self.families_of(task):
                 for length in self.lengths:
-                    for depth in self.depths:
+                    for depth in depths:
                         for sample in range(self.samples):
                             yield task, family, sample, length, depth
 
@@ -179,10 +180,16 @@ def _pending(settings: SweepSettings, done: set) -> list[tuple[Cell, str]]:
 
 def _drive(settings: SweepSettings, store: RunStore, max_context: int, results, progress: Progress | None) -> int:
     """Store the rows `results(pending)` yields as (cell, mode, rows), one shard each, and keep the manifest
-    up to date; the rows written."""
+    up to date, holding the run for this one writer; the rows written."""
     if max(settings.lengths) > max_context:
         raise InputError(f"a length of {max(settings.lengths)} tokens is beyond {settings.model}'s context of "
                          f"{max_context}")
+    with store.writing():
+        return _drive_locked(settings, store, max_context, results, progress)
+
+
+def _drive_locked(settings: SweepSettings, store: RunStore, max_context: int, results, progress) -> int:
+    """`_drive` once the run is held."""
     total = settings.rows_total
     store.remove_leftovers()
     done = store.done_keys()
@@ -237,7 +244,7 @@ def run_sweep_ray(settings: SweepSettings, store: RunStore, progress: Progress |
         count = workers or gpus or max(int(resources.get("CPU", 1)), 1)
         actor = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)(PromptWorker)
         actors = [actor.remote(settings.to_json()) for _ in range(count)]
-        max_context = ray.get(actors[0].max_context.remote())
+        max_context = _unwrapped(ray, actors[0].max_context.remote())
 
         def results(pending):
             queue = list(pending)
@@ -252,13 +259,7 @@ def run_sweep_ray(settings: SweepSettings, store: RunStore, progress: Progress |
                 if queue:
                     next_cell, next_mode = queue.pop(0)
                     running[worker.rows.remote(next_cell, next_mode)] = (worker, next_cell, next_mode)
-                try:
-                    rows = ray.get(finished[0])
-                except ray.exceptions.RayTaskError as exc:  # a worker's one-line error stays one line
-                    if isinstance(exc.cause, UserError):
-                        raise exc.cause from None
-                    raise
-                yield cell, mode, rows
+                yield cell, mode, _unwrapped(ray, finished[0])
 
         return _drive(settings, store, max_context, results, progress)
     finally:
@@ -266,23 +267,36 @@ def run_sweep_ray(settings: SweepSettings, store: RunStore, progress: Progress |
             ray.shutdown()
 
 
+def _unwrapped(ray, reference):
+    """`ray.get(reference)`, a worker's UserError raised as itself (one line, not Ray's traceback)."""
+    try:
+        return ray.get(reference)
+    except (ray.exceptions.RayTaskError, ray.exceptions.ActorDiedError) as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise
+
+
 def save_comparison(comparison: Comparison, folder) -> RunStore:
     """Store a comparison (the Compare page's, the CLI's) as a run of one prompt: task "compare", family "custom",
-    depth the known answer's relative position in the compressed prompt (NaN without one), score the task score
-    (NaN without an answer); its settings name the model, mode, window and the prompt's digest."""
+    depth the known answer's relative position in the compressed prompt (NaN without one), score the Compare page's
+    task score (NaN without an answer); its settings name the model, mode, window and the prompt's digest."""
     digest = hashlib.sha256(" ".join(comparison.prompt_tokens).encode("utf-8")).hexdigest()[:16]
     settings = {"kind": "comparison", "model": comparison.model, "mode": comparison.mode, "window": comparison.window,
                 "budget": comparison.budget, "prompt_sha256": digest, "methods": [r.method for r in comparison.results]}
     store = RunStore.open(Path(folder), settings)
-    if store.shards():
-        raise InputError(f"{store.folder} already holds this comparison")
-    positions = comparison.answer_positions
-    depth = positions[0] / comparison.n_context if positions else float("nan")
-    prompt = TaskPrompt("compare", "custom", comparison.n_tokens, depth, 0, "", comparison.question or "",
-                        (comparison.answer,) if comparison.answer else ())
-    rows = [record(prompt, row, comparison.n_tokens, 0) for row in comparison.results]
-    store.write_shard(rows, row_schema())
-    store.update(status="complete", rows_done=len(rows), rows_total=len(rows))
+    with store.writing():
+        if store.shards():
+            raise InputError(f"{store.folder} already holds this comparison")
+        positions = comparison.answer_positions
+        depth = positions[0] / comparison.n_context if positions else float("nan")
+        prompt = TaskPrompt("compare", "custom", comparison.n_tokens, depth, 0, "", comparison.question or "",
+                            (comparison.answer,) if comparison.answer else ())
+        rows = [{**record(prompt, row, comparison.n_tokens, 0),
+                 "score": float("nan") if row.task_score is None else row.task_score} for row in comparison.results]
+        store.write_shard(rows, row_schema())
+        store.update(status="complete", rows_done=len(rows), rows_total=len(rows))
     return store
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 import string
 from dataclasses import dataclass
 from importlib import resources
@@ -98,10 +99,6 @@ class Family:
     key_format: str
     wording: str
 
-    @property
-    def name(self) -> str:
-        return f"{self.filler}/{self.key_format}/{self.wording}"
-
     @classmethod
     def parse(cls, name: str) -> Family:
         parts = name.split("/")
@@ -137,13 +134,14 @@ def _normalise(text: str) -> str:
 
 
 def score(prompt: TaskPrompt, answer: str) -> float:
-    """1.0 or 0.0 for RULER's rule (every expected string in the answer, case-insensitive) or, for questions
+    """1.0 or 0.0 for RULER's rule (every expected string in the answer as a whole word, case-insensitive, so a
+    key inside a longer number or a word inside another does not count) or, for questions
     over articles, exact match of the answer's first line after SQuAD-style normalisation; partial credit for
     multi-string tasks is the share of expected strings found."""
     if prompt.exact:
         first = next((line for line in answer.strip().splitlines() if line.strip()), "")
         return float(any(_normalise(first) == _normalise(a) for a in prompt.answers))
-    found = sum(a.lower() in answer.lower() for a in prompt.answers)
+    found = sum(bool(re.search(rf"(?<![\w-]){re.escape(a)}(?![\w-])", answer, re.IGNORECASE)) for a in prompt.answers)
     return found / len(prompt.answers)
 
 
@@ -182,6 +180,7 @@ class Task:
     name = ""
     summary = ""
     families: tuple[str, ...] = ()
+    has_depth = True  # False: the prompt has no needle, so the depth does not change it
 
     def parts(self, family: Family, rng: random.Random) -> tuple[str, list[str], str, tuple[str, ...]]:
         """(intro line, needle sentences, question, expected answers) for one sample."""
@@ -292,6 +291,7 @@ class CommonWords(Task):
     name = "cwe"
     summary = "a list of words, a few repeated often; asked for the most common ones"
     families = FAMILIES
+    has_depth = False
 
     def generate(self, length, depth, sample, family, count_tokens, seed=0):
         chosen = Family.parse(family)

@@ -12,10 +12,15 @@ any of them decodes eagerly.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from ..errors import InputError
 from .cache import CacheView, CompressedLayer
+
+
+_CAPTURE_LOCK = threading.Lock()  # one CUDA graph capture at a time in this process
 
 
 class StaticView(CacheView):
@@ -126,11 +131,14 @@ class GraphedDecoder:
         torch.cuda.current_stream().wait_stream(stream)
         restore()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._forward()
+        with _CAPTURE_LOCK, torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.logits = self._forward()  # other threads (other models, other sessions) may use the GPU meanwhile
         restore()  # capture records kernels without running them; only the host counts moved
 
     def step(self, tokens, position: int) -> torch.Tensor:
+        for entry in self.cache.layers:  # a replay past a buffer's end would write outside it
+            if entry.filled >= entry.capacity:
+                raise InputError(f"the static cache holds {entry.capacity} tokens per layer here; decoding needs more")
         self.tokens.copy_(torch.as_tensor(tokens, dtype=torch.long).view(-1, 1))
         self.position.fill_(position)
         with torch.inference_mode():

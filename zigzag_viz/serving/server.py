@@ -222,7 +222,8 @@ def create_app(models: Iterable[LoadedModel], token: str, limits: Limits = Limit
         def work(progress):
             return result_of(loaded, Runner(loaded, progress, server.cache).compare(checked, land))
 
-        job = server.jobs.add(server.queues[loaded.name].submit(Job(loaded.name, kind, work)))
+        job = Job(loaded.name, kind, work)  # made before it is queued: `land` may run as soon as it is
+        server.jobs.add(server.queues[loaded.name].submit(job))
         return JsonResponse(job.to_json(), status_code=202)
 
     @app.post("/compare", dependencies=guarded, status_code=202)
