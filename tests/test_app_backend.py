@@ -179,6 +179,18 @@ def test_the_uncertainty_page_through_a_server_equals_an_in_process_analysis(ser
     assert at.multiselect[0].options == ["tiny"]  # the models to compare are the server's
 
 
+def test_the_environment_token_is_used_but_never_sent_to_the_browser(served, monkeypatch):
+    url, token_file, _ = served
+    token = token_file.read_text().strip()
+    monkeypatch.setenv("ZIGZAG_VIZ_BACKEND", url)
+    monkeypatch.setenv("ZIGZAG_VIZ_TOKEN", token)
+    at = AppTest.from_file(COMPARE_PAGE, default_timeout=120)
+    at.run()
+    assert at.radio(key="backend_kind").value == "model server" and at.text_input(key="backend_url").value == url
+    assert at.text_input(key="backend_token").value == ""  # the widget (and so the browser) never holds it
+    assert at.selectbox(key="model_served").options == ["tiny"] and not at.warning
+
+
 def test_the_compare_page_through_a_server_and_the_server_going_away(served, local_view, monkeypatch):
     url, token_file, server = served
     token = token_file.read_text().strip()
@@ -203,3 +215,4 @@ def test_the_compare_page_through_a_server_and_the_server_going_away(served, loc
     assert "\n" not in errors[0]
     assert at.session_state["comparison"] is shown  # the last results stay
     assert any(h.value == "Answers side by side" for h in at.subheader)
+

@@ -42,6 +42,12 @@ def test_smallest_lossless_needs_every_larger_fraction_to_match_full():
     assert accuracy.loc[("uniform", 0.5), "score_low"] < 0.75 < accuracy.loc[("uniform", 0.5), "score_high"]
 
 
+def test_prompts_without_a_score_are_left_out_of_the_interval():
+    rows = _rows({("uniform", 0.5): [1, 0, float("nan"), 1]})
+    line = aggregate.accuracy_table(rows).iloc[0]
+    assert line["prompts"] == 3 and line["score"] == pytest.approx(2 / 3)
+
+
 def test_depth_length_grid_is_the_mean_score_per_cell():
     rows = _rows({("uniform", 0.5): [1, 0, 1, 0, 0, 1]})
     grid = aggregate.depth_length_grid(rows, "uniform", "aware", 0.5)

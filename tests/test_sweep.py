@@ -62,6 +62,9 @@ def test_scoring_follows_ruler_and_exact_match_for_questions():
     assert score(multi, "111, 222 and 333") == 1.0
     assert score(multi, "111 and 333") == pytest.approx(2 / 3)
     assert score(multi, "none") == 0.0
+    assert score(multi, "1110, 2222 and x333") == 0.0  # a key inside a longer token does not count
+    words = TaskPrompt("cwe", "f", 100, 0.5, 0, "ctx", "q?", ("ember", "umber"))
+    assert score(words, "Remember the numbered list") == 0.0 and score(words, "EMBER; umber.") == 1.0
     qa = TaskPrompt("qa", "f", 100, 0.5, 0, "ctx", "q?", ("Marta Lindqvist",), exact=True)
     assert score(qa, "marta lindqvist.\nShe trained as a surveyor.") == 1.0
     assert score(qa, "The engineer was Marta Lindqvist") == 0.0
@@ -250,3 +253,24 @@ def test_a_sweep_over_a_two_worker_ray_cluster_gives_the_serial_rows(whole_run, 
     assert run_sweep_ray(settings, store, RateReporter(lines.append), workers=2) == settings.rows_total
     assert store.manifest()["status"] == "complete" and lines[-1].startswith(f"rows {settings.rows_total}/")
     pd.testing.assert_frame_equal(_rows_without_timings(store), _rows_without_timings(whole_run[0]))
+
+
+def test_a_task_without_a_needle_is_swept_at_one_depth():
+    settings = SweepSettings(**{**SETTINGS.__dict__, "tasks": ("cwe", "passkey"), "depths": (0.1, 0.5, 0.9)}).check()
+    cells = list(settings.cells())
+    assert {c[4] for c in cells if c[0] == "cwe"} == {0.1} and {c[4] for c in cells if c[0] == "passkey"} == {0.1, 0.5, 0.9}
+    assert settings.rows_total == len(cells) * len(settings.modes) * settings.rows_per_prompt
+
+
+def test_one_writer_at_a_time_and_stored_files_follow_the_umask(tmp_path):
+    store = RunStore.open(tmp_path / "run", {"model": "tiny"})
+    with store.writing():
+        with pytest.raises(InputError, match="another sweep is writing"):
+            with RunStore(store.folder).writing():
+                pass
+        shard = store.write_shard([{"task": "passkey"}])
+    with RunStore(store.folder).writing():  # released
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    assert shard.stat().st_mode & 0o777 == 0o666 & ~umask

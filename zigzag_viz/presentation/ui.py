@@ -71,7 +71,7 @@ def backend_picker() -> Backend | None:
     env_url = os.environ.get(BACKEND_ENV, "").strip()
     _remembered("backend_kind", SERVER if env_url else IN_PROCESS)
     _remembered("backend_url", env_url)
-    _remembered("backend_token", os.environ.get(TOKEN_ENV, "").strip())
+    _remembered("backend_token", "")  # ZIGZAG_VIZ_TOKEN stays on the server: it is never put in a widget
     kind = st.radio("Backend", [IN_PROCESS, SERVER], key="backend_kind", horizontal=True,
                     on_change=_remember, args=("backend_kind",),
                     help="A model server is `zigzag-viz serve` on a GPU machine, reached by URL and token")
@@ -82,8 +82,10 @@ def backend_picker() -> Backend | None:
         return backend
     url = st.text_input("Server URL", key="backend_url", placeholder="http://127.0.0.1:8765",
                         on_change=_remember, args=("backend_url",)).strip()
-    token = st.text_input("Token", key="backend_token", type="password", on_change=_remember,
-                          args=("backend_token",), help="Printed by `zigzag-viz serve`, or its --token-file").strip()
+    env_token = os.environ.get(TOKEN_ENV, "").strip()
+    token = st.text_input("Token", key="backend_token", type="password", on_change=_remember, args=("backend_token",),
+                          placeholder="from ZIGZAG_VIZ_TOKEN" if env_token else "",
+                          help="Printed by `zigzag-viz serve`, or its --token-file").strip() or env_token
     try:
         backend = remote_backend(url, token)
         devices = backend.devices()
