@@ -217,12 +217,13 @@ def test_sliding_layers_keep_their_window_through_kivi_and_think():
         assert tokens == full_tokens, spec
         assert max((a - b).abs().max().item() for a, b in zip(full_logits, logits)) <= tolerance, spec
         assert kvcache.layer_lengths(cache) == [63, 63, 211, 63]
-    cache, report = _compressed(pre, "uniform+kivi[group=8,residual=16]", budget=0.3)
+    # 0.6 of what full KV holds keeps ≈ 58 tokens per layer: 24 decoded tokens push the sliding layers past their window
+    cache, report = _compressed(pre, "uniform+kivi[group=8,residual=16]", budget=0.6)
     assert report.layer_budgets.tolist() == kvcache.layer_lengths(cache)
     runtime.greedy_decode(gemma, cache, pre.next_logits, 200, 24)
     for layer in (0, 1, 3):
         assert 63 <= cache.layers[layer].held_tokens() < 63 + 8  # whole groups leave the window
-    cache, _ = _compressed(pre, "zigzag+think", budget=0.3)
+    cache, _ = _compressed(pre, "zigzag+think", budget=0.6)
     runtime.greedy_decode(gemma, cache, pre.next_logits, 200, 24)
     assert [kvcache.layer_lengths(cache)[i] for i in (0, 1, 3)] == [63] * 3
 
