@@ -205,6 +205,10 @@ class Task:
 
 
 FAMILIES = ("prose/digits5/plain", "essay/digits7/formal", "prose/word/formal", "essay/uuid/plain")
+# A name → value fact and the question for it, per wording (the needle-in-a-haystack tasks share them).
+FACT = {"plain": "One of the special magic numbers for {} is: {}.", "formal": "The identifier assigned to {} is {}."}
+ASK = {"plain": "What is the special magic number for {}? Answer with the number only.",
+       "formal": "Which identifier was assigned to {}? Give the identifier only."}
 
 
 class Passkey(Task):
@@ -230,13 +234,9 @@ class NiahSingle(Task):
 
     def parts(self, family, rng):
         name, value = rng.choice(NAMES), make_key(family.key_format, rng)
-        if family.wording == "plain":
-            return ("Some special magic numbers are hidden in the text below. Memorize them.",
-                    [f"One of the special magic numbers for {name} is: {value}."],
-                    f"What is the special magic number for {name}? Answer with the number only.", (value,))
-        return ("The record below lists identifiers assigned to several people.",
-                [f"The identifier assigned to {name} is {value}."],
-                f"Which identifier was assigned to {name}? Give the identifier only.", (value,))
+        intro = ("Some special magic numbers are hidden in the text below. Memorize them." if family.wording == "plain"
+                 else "The record below lists identifiers assigned to several people.")
+        return intro, [FACT[family.wording].format(name, value)], ASK[family.wording].format(name), (value,)
 
 
 class NiahMultikey(Task):
@@ -248,12 +248,9 @@ class NiahMultikey(Task):
         names = rng.sample(NAMES, 4)
         values = [make_key(family.key_format, rng) for _ in names]
         asked = rng.randrange(len(names))
-        template = ("One of the special magic numbers for {} is: {}." if family.wording == "plain"
-                    else "The identifier assigned to {} is {}.")
-        needles = [template.format(n, v) for n, v in zip(names, values)]
+        needles = [FACT[family.wording].format(n, v) for n, v in zip(names, values)]
         rng.shuffle(needles)
-        question = (f"What is the special magic number for {names[asked]}? Answer with the number only."
-                    if family.wording == "plain" else f"Which identifier was assigned to {names[asked]}? Give the identifier only.")
+        question = ASK[family.wording].format(names[asked])
         return "Several special values are hidden in the text below. Memorize them.", needles, question, (values[asked],)
 
 
@@ -265,8 +262,7 @@ class NiahMultivalue(Task):
     def parts(self, family, rng):
         name = rng.choice(NAMES)
         values = [make_key(family.key_format, rng) for _ in range(3)]
-        template = ("One of the special magic numbers for {} is: {}." if family.wording == "plain"
-                    else "Another identifier assigned to {} is {}.")
+        template = FACT["plain"] if family.wording == "plain" else "Another identifier assigned to {} is {}."
         question = (f"What are all the special magic numbers for {name}? List them." if family.wording == "plain"
                     else f"List every identifier assigned to {name}.")
         return ("Special values are hidden in the text below. Memorize them.", [template.format(name, v) for v in values],

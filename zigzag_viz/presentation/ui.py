@@ -216,6 +216,11 @@ def page_style() -> None:
 # Runs shared by the pages: analyses (Uncertainty, Budgets) and comparisons (Compare), on either backend.
 
 
+def _shown_on(bar):
+    """A progress callback drawing on the Streamlit progress `bar` (fractions clipped to [0, 1])."""
+    return lambda fraction, message: bar.progress(min(max(fraction, 0.0), 1.0), text=message)
+
+
 @st.cache_data(max_entries=12, show_spinner=False)
 def cached_analysis(_backend: Backend, where: str, model_name: str, prompt: str, window: int,
                     deep: bool = False) -> AnalysisResult:
@@ -225,8 +230,7 @@ def cached_analysis(_backend: Backend, where: str, model_name: str, prompt: str,
     failure raises (nothing is cached) and the caller shows the message.
     """
     bar = st.progress(0.0, text="prefill")
-    result = _backend.analysis(model_name, prompt, int(window), bool(deep),
-                               lambda fraction, message: bar.progress(min(max(fraction, 0.0), 1.0), text=message))
+    result = _backend.analysis(model_name, prompt, int(window), bool(deep), _shown_on(bar))
     bar.empty()
     return result
 
@@ -270,8 +274,7 @@ def run_comparison(backend: Backend, options: CompareOptions) -> ComparisonResul
         landed.caption("Ready: " + " · ".join(rows))
 
     try:
-        return backend.comparison(options, lambda fraction, message: bar.progress(min(max(fraction, 0.0), 1.0), text=message),
-                                  on_row)
+        return backend.comparison(options, _shown_on(bar), on_row)
     finally:
         bar.empty()
         landed.empty()
