@@ -44,7 +44,7 @@ st.page_link("pages/2_Uncertainty.py", label="**Uncertainty**: entropy, LMBA, hi
 st.page_link("pages/3_Budgets.py", label="**Budgets**: move ρ, τ, β and the kept fraction; ZigZag, PyramidKV and "
              "uniform budgets and their KV bytes redraw without the model",
              icon=":material/tune:")
-st.page_link("pages/4_Runs.py", label="**Runs**: stored sweeps of generated tasks (`zigzag-viz sweep`): score against "
+st.page_link("pages/4_Runs.py", label="**Runs**: stored sweeps of generated tasks (made with zigzag-viz sweep): score against "
              "kept fraction per method, where the needle is lost by depth and length, the smallest lossless fraction",
              icon=":material/table_chart:")
 st.markdown(STEPS)
