@@ -185,33 +185,29 @@ def _drive(settings: SweepSettings, store: RunStore, max_context: int, results, 
         raise InputError(f"a length of {max(settings.lengths)} tokens is beyond {settings.model}'s context of "
                          f"{max_context}")
     with store.writing():
-        return _drive_locked(settings, store, max_context, results, progress)
-
-
-def _drive_locked(settings: SweepSettings, store: RunStore, max_context: int, results, progress) -> int:
-    """`_drive` once the run is held."""
-    total = settings.rows_total
-    store.remove_leftovers()
-    done = store.done_keys()
-    store.update(status="running", rows_total=total, rows_done=len(done), model_max_context=max_context)
-    written = 0
-    if progress is not None:
-        progress(len(done), total, "starting" if not done else "continuing a stopped run")
-    try:
-        for (task, family, sample, length, depth), mode, rows in results(_pending(settings, done)):
-            rows = [r for r in rows if row_key(r) not in done]
-            if rows:
-                store.write_shard(rows, row_schema())
-            done.update(row_key(r) for r in rows)
-            written += len(rows)
-            store.update(rows_done=len(done))
-            if progress is not None:
-                progress(len(done), total, f"{task} {family} length {length} depth {depth:g} sample {sample} {mode}")
-    except BaseException:
-        store.update(status="stopped", rows_done=len(done))
-        raise
-    store.update(status="complete" if len(done) >= total else "stopped", rows_done=len(done))
-    return written
+        total = settings.rows_total
+        store.remove_leftovers()
+        done = store.done_keys()
+        store.update(status="running", rows_total=total, rows_done=len(done), model_max_context=max_context)
+        written = 0
+        if progress is not None:
+            progress(len(done), total, "starting" if not done else "continuing a stopped run")
+        try:
+            for (task, family, sample, length, depth), mode, rows in results(_pending(settings, done)):
+                rows = [r for r in rows if row_key(r) not in done]
+                if rows:
+                    store.write_shard(rows, row_schema())
+                done.update(row_key(r) for r in rows)
+                written += len(rows)
+                store.update(rows_done=len(done))
+                if progress is not None:
+                    progress(len(done), total,
+                             f"{task} {family} length {length} depth {depth:g} sample {sample} {mode}")
+        except BaseException:
+            store.update(status="stopped", rows_done=len(done))
+            raise
+        store.update(status="complete" if len(done) >= total else "stopped", rows_done=len(done))
+        return written
 
 
 def run_sweep(loaded: LoadedModel, settings: SweepSettings, store: RunStore, progress: Progress | None = None) -> int:
