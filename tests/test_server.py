@@ -291,13 +291,19 @@ def test_out_of_memory_fails_the_job_with_one_line_and_the_server_goes_on(client
     assert client.post("/analyze", headers=AUTH, json=body).status_code == 200
 
 
-def test_an_unexpected_error_fails_the_job_without_its_details(client, monkeypatch):
+def test_an_unexpected_error_fails_the_job_in_one_line_and_logs_its_traceback_without_the_token(
+        client, monkeypatch, tmp_path):
+    monkeypatch.setenv("ZIGZAG_VIZ_CACHE", str(tmp_path))
+
     def broken(*args, **kwargs):
         raise RuntimeError(f"secret internals {TOKEN}")
 
     monkeypatch.setattr(runner_module, "prefill_reference", broken)
     job = wait_for(client, submit(client))
-    assert job["error"] == "internal error (RuntimeError); the server log has the details"
+    log = tmp_path / "logs" / "errors.log"
+    assert job["error"] == f"job {job['id']} (compare on tiny) failed unexpectedly (RuntimeError); details in {log}"
+    text = log.read_text()
+    assert "Traceback" in text and "secret internals ***" in text and TOKEN not in text
 
 
 def parse_events(text: str) -> list[tuple[str, dict]]:

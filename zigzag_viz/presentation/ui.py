@@ -12,6 +12,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from ..errors import UserError
+from ..failures import unexpected
 from ..evaluation.runner import LruCache
 from ..evaluation.store import RunStore
 from ..methods import METHODS, CompressionMethod, Parameter, parse_specs
@@ -169,7 +170,7 @@ def run_safely(action: Callable[[], T], what: str) -> T | None:
     except UserError as exc:
         st.error(f"{what}: {exc}")
     except Exception as exc:  # anything else still gets a one-line message, never a traceback
-        st.error(f"{what} failed unexpectedly: {type(exc).__name__}: {exc}")
+        st.error(unexpected(exc, what))
     return None
 
 

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, check_text
 from ..pipeline.budgets import SIGNALS, kept_fraction
 
 DEFAULT_METHODS = "full,zigzag,pyramid,uniform"
@@ -23,11 +23,6 @@ TOKEN_ENV = "ZIGZAG_VIZ_TOKEN"
 def _whole(name: str, value: int) -> None:
     if value < 1:
         raise InputError(f"{name} must be a whole number ≥ 1, got {value}")
-
-
-def _text(name: str, value: str) -> None:
-    if not value.strip():
-        raise InputError(f"the {name} is empty")
 
 
 def _typed(name: str, value, kind):
@@ -87,8 +82,8 @@ class AnalyzeOptions(_Options):
 
     def check(self) -> AnalyzeOptions:
         """These options, or InputError for the first that cannot run on any model."""
-        _text("model name", self.model)
-        _text("prompt", self.prompt)
+        check_text(self.model, "model name")
+        check_text(self.prompt)
         _whole("window", self.window)
         kept_fraction(self.budget)
         kept_fraction(self.tau, "tau")
@@ -119,8 +114,8 @@ class CompareOptions(_Options):
         checks; `request` checks the rest against the model's tokenizer and layers)."""
         from ..evaluation.runner import check_settings
 
-        _text("model name", self.model)
-        _text("prompt", self.prompt)
+        check_text(self.model, "model name")
+        check_text(self.prompt)
         check_settings(self.methods, self.budget, self.mode, self.window, self.max_new_tokens)
         return self
 

@@ -8,7 +8,6 @@ in a `JobStore` for a while so that a client that went away can fetch the result
 from __future__ import annotations
 
 import asyncio
-import logging
 import secrets
 import threading
 import time
@@ -18,13 +17,13 @@ from typing import Any, Callable
 import torch
 
 from ..errors import OutOfMemoryError, UserError
+from ..failures import unexpected
 from ..pipeline.capture import Cancelled
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = frozenset({DONE, FAILED, CANCELLED})
 OUT_OF_MEMORY = "the device ran out of memory: try a shorter prompt, fewer methods, or the CPU"
 
-log = logging.getLogger(__name__)
 Work = Callable[[Callable[[float, str], None]], Any]
 
 
@@ -250,8 +249,7 @@ def _run(job: Job) -> None:
     except UserError as exc:
         job.fail(str(exc), 422)
     except Exception as exc:
-        log.exception("job %s on %s failed", job.id, job.model)
-        job.fail(f"internal error ({type(exc).__name__}); the server log has the details", 500)
+        job.fail(unexpected(exc, f"job {job.id} ({job.kind} on {job.model})"), 500)
     else:
         job.succeed(result)
 

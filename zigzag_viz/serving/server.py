@@ -9,7 +9,9 @@ prints), POST /compare (a job: 202 with its id), GET /jobs/{id} (status, progres
 when done {"rows": what `compare --json` prints, "comparison": the export}), GET /jobs/{id}/events (server-sent events: `progress` on each change, then one `end`),
 DELETE /jobs/{id} (cancel). The app's pages use POST /views/analysis and POST /views/compare (jobs), which take
 the same bodies and answer with the pages' own results, exactly, in `wire`'s JSON. Errors are `{"error": one line}`: 401 token, 404 unknown job, 413 body too large,
-422 bad input, 503 queue full, 507 out of memory.
+422 bad input, 429 too many requests (per token; and per client address for wrong tokens), 500 a bug (its
+traceback goes to the error log, `failures`), 503 queue full, 507 out of memory. No CORS headers are sent: a web
+page elsewhere cannot call the server from a browser.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import json
 import os
 import secrets
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -30,9 +34,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..errors import InputError, OutOfMemoryError, UserError
+from ..failures import keep_out_of_logs, unexpected
 from ..evaluation.runner import LruCache, Runner
 from ..methods import parse_specs
-from ..pipeline.models import LoadedModel, cache_folder
+from ..paths import cache_folder
+from ..pipeline.models import LoadedModel
 from .api import AnalyzeOptions, CompareOptions, analysis_report, comparison_result, configured_token, methods_listing
 from ..presentation import views
 from . import wire
@@ -45,7 +51,8 @@ TOKEN_FILE = "server-token"
 @dataclass(frozen=True)
 class Limits:
     """What one request may ask for: body bytes, methods per comparison, generated tokens; jobs waiting per
-    model; how long (seconds) and how many finished jobs are kept; prompts whose prefill stays cached."""
+    model; how long (seconds) and how many finished jobs are kept; prompts whose prefill stays cached; requests
+    per minute per token, in bursts of at most `burst`, and wrong-token requests per minute per client address."""
 
     max_body_bytes: int = 2 * 2**20
     max_methods: int = 16
@@ -54,6 +61,34 @@ class Limits:
     keep_s: float = 3600.0
     keep_finished: int = 64
     cached_prompts: int = 2
+    requests_per_minute: float = 6000.0
+    burst: int = 300
+    wrong_tokens_per_minute: float = 30.0
+
+
+class RateLimit:
+    """A token bucket per key: `per_minute` requests a minute on average, at most `burst` at once."""
+
+    def __init__(self, per_minute: float, burst: int):
+        self.rate = per_minute / 60.0
+        self.burst = float(burst)
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (requests left, when counted)
+        self._lock = threading.Lock()
+
+    def wait_s(self, key: str) -> float:
+        """Take one request from `key`'s bucket and return 0, or, when it is empty, the seconds until one is
+        free (nothing taken)."""
+        now = time.monotonic()
+        with self._lock:
+            left, then = self._buckets.get(key, (self.burst, now))
+            left = min(self.burst, left + (now - then) * self.rate)
+            if left < 1.0:
+                self._buckets[key] = (left, now)
+                return (1.0 - left) / self.rate
+            self._buckets[key] = (left - 1.0, now)
+            if len(self._buckets) > 4096:  # forget the fullest buckets of past clients
+                self._buckets = dict(sorted(self._buckets.items(), key=lambda item: item[1][0])[:1024])
+            return 0.0
 
 
 class JsonResponse(Response):
@@ -87,7 +122,10 @@ class Server:
         if not token:
             raise InputError("the server needs a token")
         self._token = token.encode("utf-8")
+        keep_out_of_logs(token)
         self.limits = limits
+        self.requests = RateLimit(limits.requests_per_minute, limits.burst)
+        self.wrong_tokens = RateLimit(limits.wrong_tokens_per_minute, max(1, int(limits.wrong_tokens_per_minute // 6)))
         self.queues = {name: ModelQueue(name, limits.max_waiting) for name in self.models}
         self.jobs = JobStore(limits.keep_s, limits.keep_finished)
         self.cache = LruCache(references=limits.cached_prompts)
@@ -144,7 +182,14 @@ def create_app(models: Iterable[LoadedModel], token: str, limits: Limits = Limit
 
     def require_token(request: Request) -> None:
         if not server.authorized(request.headers.get("authorization")):
+            address = request.client.host if request.client else "unknown"
+            if wait := server.wrong_tokens.wait_s(address):
+                raise HTTPException(429, f"too many requests with a wrong token: try again in {wait:.0f} s",
+                                    headers={"Retry-After": str(max(1, round(wait)))})
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+        if wait := server.requests.wait_s("token"):
+            raise HTTPException(429, f"too many requests: at most {limits.requests_per_minute:g} a minute on this "
+                                     f"server; try again in {wait:.1f} s", headers={"Retry-After": str(max(1, round(wait)))})
 
     app = FastAPI(title="zigzag_viz model server", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
@@ -157,6 +202,10 @@ def create_app(models: Iterable[LoadedModel], token: str, limits: Limits = Limit
     @app.exception_handler(HTTPException)
     async def http_error(_request, exc: HTTPException):
         return _error(exc.status_code, exc.detail, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, exc: Exception):
+        return _error(500, unexpected(exc, f"{request.method} {request.url.path}"))
 
     @app.get("/health")
     async def health():
