@@ -1,6 +1,7 @@
 """The quality study: a sweep of generated tasks on one model, stored as a run and summarised for the README.
 
     .venv/bin/python benchmarks/quality_study.py --model smollm2          # resumable: run it again to go on
+    .venv/bin/python benchmarks/quality_study.py --model gemma3 --report-only   # the results of the rows so far
 
 Runs `zigzag-viz sweep` (through the library) into runs/quality_<model>, then writes
 benchmarks/results/quality_<model>.parquet (every row) and quality_<model>.md: per method and mode the accuracy at
@@ -15,6 +16,7 @@ import argparse
 import os
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -111,6 +113,8 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default="aware,context")
     parser.add_argument("--at", type=float, default=0.2, help="kept fraction of the headline score")
     parser.add_argument("--run", type=Path, default=None, help="the run folder (default runs/quality_<model>)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the results from the rows stored so far (a stopped run), without sweeping")
     args = parser.parse_args(argv)
     settings = SweepSettings(
         model=args.model, tasks=_csv(args.tasks), lengths=_csv(args.lengths, int), depths=_csv(args.depths, float),
@@ -120,9 +124,14 @@ def main(argv=None) -> int:
     if not any(abs(b - args.at) < 1e-9 for b in settings.budgets):
         parser.error(f"--at {args.at:g} must be one of the kept fractions ({args.budgets})")
     store = RunStore.open(args.run or ROOT / "runs" / f"quality_{args.model}", settings.to_json())
-    started = time.monotonic()
-    run_sweep(load_model(settings.model), settings, store, RateReporter(lambda line: print(line, file=sys.stderr, flush=True)))
-    seconds = time.monotonic() - started
+    if args.report_only:
+        manifest = store.manifest()
+        seconds = (datetime.fromisoformat(manifest["updated"]) - datetime.fromisoformat(manifest["created"])).total_seconds()
+    else:
+        started = time.monotonic()
+        run_sweep(load_model(settings.model), settings, store,
+                  RateReporter(lambda line: print(line, file=sys.stderr, flush=True)))
+        seconds = time.monotonic() - started
     rows = store.frame()
     RESULTS.mkdir(parents=True, exist_ok=True)
     rows.to_parquet(RESULTS / f"quality_{args.model}.parquet", index=False)

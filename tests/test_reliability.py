@@ -4,6 +4,10 @@ to run its own code is refused without running it."""
 
 import json
 import math
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -12,13 +16,15 @@ from hypothesis import strategies as st
 
 from zigzag_viz import cli
 from zigzag_viz.errors import InputError, ModelLoadError, UserError
-from zigzag_viz.evaluation.runner import Runner, check_settings
+from zigzag_viz.evaluation.prompts import passkey_prompt
+from zigzag_viz.evaluation.runner import LruCache, Runner, check_settings
 from zigzag_viz.evaluation.store import check_run_name
 from zigzag_viz.failures import error_log, keep_out_of_logs, log_failure
 from zigzag_viz.methods import METHODS, parse_specs
 from zigzag_viz.pipeline.budgets import kept_fraction
 from zigzag_viz.pipeline.models import load_model
 from zigzag_viz.presentation import views
+from zigzag_viz.presentation.backends import InProcess, Turns
 from zigzag_viz.serving.api import AnalyzeOptions, CompareOptions
 from zigzag_viz.serving.server import Limits, RateLimit, create_app
 
@@ -262,3 +268,82 @@ def test_a_model_folder_that_ships_code_is_refused_without_running_it(tmp_path, 
         load_model(str(tmp_path))
     one_line(str(caught.value))
     assert "never runs" in str(caught.value) and not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The load benchmark stays runnable
+
+@pytest.mark.slow
+def test_the_server_load_benchmark_runs_a_small_load_without_errors(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "load.json"
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "server_load.py"), "--requests", "8",
+                           "--clients", "3", "--baseline", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert record["errors"] == 0 and record["requests"] == 8 and record["clients"] == 3
+    under_load = record["under_load"]
+    assert 0 < under_load["p50_s"] <= under_load["p95_s"] <= under_load["p99_s"]
+    assert record["p99_bound_s"] == pytest.approx(3 * record["single_request"]["p99_s"], abs=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Concurrent sessions of one app
+
+def _session_options(index: int) -> CompareOptions:
+    prompt = passkey_prompt(n_sentences=8 + index, depth=0.5, seed=300 + index)
+    return CompareOptions("tiny", prompt.text, "full,zigzag,uniform", 0.5, 3, window=8, answer=prompt.answer).check()
+
+
+def test_five_sessions_at_once_get_the_rows_of_five_serial_runs_and_hear_they_are_queued(tiny):
+    backend = InProcess(lambda _name: tiny, LruCache())
+    options = [_session_options(index) for index in range(5)]
+    serial = []
+    for option in options:
+        runner = Runner(tiny)
+        serial.append([(r.method, r.text, r.token_ids, r.kv_bytes) for r in runner.compare(option.request(runner)).results])
+
+    start = threading.Barrier(5)
+    heard: list[list[str]] = [[] for _ in options]
+    results: list = [None] * 5
+
+    def session(index: int) -> None:
+        start.wait()
+        results[index] = backend.comparison(options[index], lambda _f, message: heard[index].append(message),
+                                            lambda _method, _text: None)
+
+    threads = [threading.Thread(target=session, args=(index,)) for index in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not any(thread.is_alive() for thread in threads), "a session is still waiting"
+    for result, rows in zip(results, serial):
+        assert [(r.method, r.text, r.token_ids, r.kv_bytes) for r in result.comparison.results] == rows
+    waits = [message for messages in heard for message in messages if message.startswith("waiting: ")]
+    assert waits and all(message.endswith("run(s) ahead on tiny in this app") for message in waits)
+
+
+def test_a_session_that_stops_waiting_leaves_the_queue_and_the_others_go_on(tiny):
+    turns = Turns(poll_s=0.02)
+    holding, release = threading.Event(), threading.Event()
+
+    def first() -> None:
+        with turns.turn(lambda *_: None, "tiny"):
+            holding.set()
+            release.wait(10)
+
+    def cancelled(_fraction, message):
+        raise RuntimeError("cancelled: " + message)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    holding.wait(10)
+    with pytest.raises(RuntimeError, match="cancelled: waiting: 1 run"):
+        with turns.turn(cancelled, "tiny"):
+            pass
+    release.set()
+    thread.join(10)
+    with turns.turn(cancelled, "tiny"):  # nobody ahead: no waiting, no message
+        pass

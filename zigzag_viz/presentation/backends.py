@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Protocol
+from collections import deque
+from contextlib import contextmanager
+from typing import Callable, Iterator, Protocol
 
 from ..errors import UserError
 from ..evaluation.runner import Runner, RowCache
@@ -40,9 +42,41 @@ class Backend(Protocol):
     def comparison(self, options: CompareOptions, progress: Progress, on_row: OnRow) -> ComparisonResult: ...
 
 
+class Turns:
+    """First come, first served turns on one model for the sessions of one app: a waiting caller hears its place
+    every `poll_s` seconds and may stop waiting by raising from `progress` (the page's Cancel)."""
+
+    def __init__(self, poll_s: float = 0.25):
+        self.poll_s = poll_s
+        self._waiting: deque[object] = deque()
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def turn(self, progress: Progress, what: str) -> Iterator[None]:
+        ticket = object()
+        with self._changed:
+            self._waiting.append(ticket)
+        try:
+            while True:
+                with self._changed:
+                    ahead = self._waiting.index(ticket)
+                    if ahead:
+                        self._changed.wait(self.poll_s)
+                        ahead = self._waiting.index(ticket)
+                if not ahead:
+                    break
+                progress(0.0, f"waiting: {ahead} run(s) ahead on {what} in this app")
+            yield
+        finally:
+            with self._changed:
+                self._waiting.remove(ticket)
+                self._changed.notify_all()
+
+
 class InProcess:
     """Models loaded in this process by `load(name)` (the app passes its once-per-server loader), rows kept in
-    `cache`."""
+    `cache`; the sessions of one app take turns on each model (`Turns`), so a run is never slowed by another
+    one's forward passes and every waiting page says it is queued."""
 
     where = "this process"
     accepts_any_model = True
@@ -51,6 +85,7 @@ class InProcess:
         self.load = load
         self.cache = cache
         self.loaded: dict[str, LoadedModel] = {}
+        self.turns: dict[str, Turns] = {}
         self.lock = threading.Lock()
 
     def model(self, name: str) -> LoadedModel:
@@ -58,6 +93,10 @@ class InProcess:
         with self.lock:
             self.loaded[name] = loaded
         return loaded
+
+    def _turns(self, name: str) -> Turns:
+        with self.lock:
+            return self.turns.setdefault(name, Turns())
 
     def devices(self) -> list[DeviceInfo]:
         """Where each model loaded so far runs (none before the first run: nothing is loaded to show it)."""
@@ -67,14 +106,16 @@ class InProcess:
 
     def analysis(self, model: str, prompt: str, window: int, deep: bool, progress: Progress) -> AnalysisResult:
         loaded = self.model(model)
-        pre = Runner(loaded, progress=progress).analyze(prompt, int(window), deep=bool(deep))
+        with self._turns(loaded.name).turn(progress, loaded.name):
+            pre = Runner(loaded, progress=progress).analyze(prompt, int(window), deep=bool(deep))
         return analysis_result(loaded, pre, deep)
 
     def comparison(self, options: CompareOptions, progress: Progress, on_row: OnRow) -> ComparisonResult:
         loaded = self.model(options.model)
         runner = Runner(loaded, progress=progress, cache=self.cache)
         request = options.request(runner)
-        comparison = runner.compare(request, lambda row: on_row(row.method, row.text))
+        with self._turns(loaded.name).turn(progress, loaded.name):
+            comparison = runner.compare(request, lambda row: on_row(row.method, row.text))
         return comparison_result(loaded, comparison)
 
 
