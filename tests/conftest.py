@@ -104,11 +104,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(model: str, token_file: Path) -> tuple[str, subprocess.Popen]:
-    """A `zigzag-viz serve --model MODEL` process on a free loopback port, healthy: (url, process)."""
+def start_server(model: str, token_file: Path, port: int | None = None) -> tuple[str, subprocess.Popen]:
+    """A `zigzag-viz serve --model MODEL` process on loopback `port` (a free one by default), healthy:
+    (url, process)."""
     import httpx
 
-    port = _free_port()
+    port = port or _free_port()
     env = dict(os.environ, ZIGZAG_VIZ_DEVICE="cpu")
     server = subprocess.Popen(
         [sys.executable, "-m", "zigzag_viz.cli", "serve", "--model", model, "--port", str(port),

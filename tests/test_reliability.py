@@ -10,12 +10,13 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zigzag_viz import cli
-from zigzag_viz.errors import InputError, ModelLoadError, UserError
+from zigzag_viz.errors import InputError, ModelLoadError, OutOfMemoryError, UserError
 from zigzag_viz.evaluation.prompts import passkey_prompt
 from zigzag_viz.evaluation.runner import LruCache, Runner, check_settings
 from zigzag_viz.evaluation.store import check_run_name
@@ -347,3 +348,47 @@ def test_a_session_that_stops_waiting_leaves_the_queue_and_the_others_go_on(tiny
     thread.join(10)
     with turns.turn(cancelled, "tiny"):  # nobody ahead: no waiting, no message
         pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Out of memory
+
+def _lock_is_free(loaded) -> bool:
+    """Whether another thread can take the model's lock at once."""
+    taken = []
+
+    def take() -> None:
+        if loaded.lock.acquire(blocking=False):
+            taken.append(True)
+            loaded.lock.release()
+
+    thread = threading.Thread(target=take)
+    thread.start()
+    thread.join(10)
+    return bool(taken)
+
+
+@pytest.mark.parametrize("failing_call, where", [(1, "prefill"), (4, "decode")])
+def test_out_of_memory_in_prefill_or_decode_is_one_line_frees_the_model_and_the_next_run_works(tiny, failing_call, where):
+    backend = InProcess(lambda _name: tiny, LruCache())
+    options = _session_options(9)
+    calls = []
+
+    def runs_out(_module, _args):
+        calls.append(1)
+        if len(calls) == failing_call:
+            raise torch.OutOfMemoryError(f"CUDA out of memory in the {where} (simulated)")
+
+    handle = tiny.model.register_forward_pre_hook(runs_out)
+    try:
+        with pytest.raises(OutOfMemoryError) as caught:
+            backend.comparison(options, lambda *_: None, lambda *_: None)
+    finally:
+        handle.remove()
+    one_line(str(caught.value))
+    assert str(caught.value).startswith("the device ran out of memory")
+    assert _lock_is_free(tiny)  # and the turn is free: the next run below would wait forever otherwise
+    rows = backend.comparison(options, lambda *_: None, lambda *_: None).comparison.results
+    runner = Runner(tiny)
+    expected = runner.compare(options.request(runner)).results
+    assert [(r.method, r.token_ids) for r in rows] == [(r.method, r.token_ids) for r in expected]

@@ -13,6 +13,7 @@ import time
 
 import httpx
 import pytest
+from conftest import start_server
 from fastapi.testclient import TestClient
 
 from zigzag_viz import cli
@@ -395,11 +396,11 @@ def test_the_cli_on_a_server_prints_what_it_prints_locally_and_a_dead_server_is_
     prompt_file.write_text(PROMPT.text)
     args = ["compare", "--model", "tiny", "--prompt-file", str(prompt_file), "--methods", "full,zigzag,uniform",
             "--budget", "0.4", "--window", "16", "--max-new-tokens", "4", "--answer", PROMPT.answer, "--json"]
-    code, out, err = run_in_process(capsys, *args, "--export", str(tmp_path / "local.json"))
+    code, out_local, err = run_in_process(capsys, *args, "--export", str(tmp_path / "local.json"))
     assert code == 0 and err == ""
     remote = run_cli(*args, "--export", str(tmp_path / "remote.json"), "--backend", url, "--token-file", str(token_file))
     assert remote.returncode == 0 and remote.stderr == "", remote.stderr
-    same_rows(json.loads(remote.stdout), json.loads(out))
+    same_rows(json.loads(remote.stdout), json.loads(out_local))
     exports = [json.loads((tmp_path / name).read_text()) for name in ("local.json", "remote.json")]
     assert exports[0]["kept_map"] == exports[1]["kept_map"]
 
@@ -433,6 +434,17 @@ def test_the_cli_on_a_server_prints_what_it_prints_locally_and_a_dead_server_is_
     assert client.returncode == 2 and out == ""
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"zigzag-viz: error: the backend at {url} went away during job ")
+
+    # the same server started again on the same address serves the same command
+    port = int(url.rsplit(":", 1)[1])
+    _, restarted = start_server("tiny", token_file, port)
+    try:
+        again = run_cli(*args, "--backend", url, "--token-file", str(token_file))
+        assert again.returncode == 0 and again.stderr == "", again.stderr
+        same_rows(json.loads(again.stdout), json.loads(out_local))
+    finally:
+        restarted.kill()
+        restarted.communicate(timeout=20)
 
 
 @pytest.mark.slow
