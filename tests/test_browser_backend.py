@@ -74,3 +74,29 @@ def test_cancel_stops_an_in_process_run_and_the_next_run_works(browser, app_url)
     page.get_by_text("Answers side by side").wait_for(timeout=120_000)
     assert "Traceback" not in page.content()
     page.close()
+
+
+def test_five_sessions_run_at_once_each_sees_it_is_queued_and_all_finish(browser, app_url, screenshot):
+    """Five browser sessions press Run on one in-process model at once: they take turns, a waiting page says how
+    many runs are ahead of it, and every page gets its answers (no deadlock, nobody waits forever)."""
+    contexts = [browser.new_context(viewport={"width": 1280, "height": 900}) for _ in range(5)]
+    pages = [context.new_page() for context in contexts]
+    for index, page in enumerate(pages):
+        page.goto(f"{app_url}/Compare")
+        page.get_by_role("button", name="Run").wait_for(timeout=60_000)
+        page.get_by_role("combobox", name="Model").click()
+        page.get_by_role("option", name="tiny", exact=True).click()
+        tokens = page.get_by_role("spinbutton", name="Max new tokens")
+        tokens.fill(str(60 + index))  # a run of its own each: the row cache serves none of them
+        tokens.press("Enter")
+        page.get_by_role("button", name="Run").wait_for(timeout=60_000)
+    for page in pages:
+        page.get_by_role("button", name="Run").click()
+    waiting = pages[-1].get_by_text("run(s) ahead on tiny in this app")
+    waiting.first.wait_for(timeout=120_000)
+    screenshot(pages[-1], "compare_five_sessions_waiting.png")
+    for page in pages:
+        page.get_by_text("Answers side by side").wait_for(timeout=300_000)
+        assert "Traceback" not in page.content()
+    for context in contexts:
+        context.close()
