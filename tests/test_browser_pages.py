@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conftest import wait_for_plots_to_fit
 from playwright.sync_api import expect
@@ -146,7 +147,14 @@ def test_runs_page_draws_a_stored_sweep(browser, tiny, tmp_path, screenshot):
     settings = SweepSettings(model="tiny", tasks=("passkey", "vt"), lengths=(160, 224), depths=(0.2, 0.5, 0.8),
                              samples=1, budgets=(0.3, 0.6), methods=("full", "uniform", "zigzag", "streaming"),
                              modes=("aware",), families=("prose/digits5/plain",), window=16, max_new_tokens=4).check()
-    run_sweep(tiny, settings, RunStore.open(tmp_path / "runs" / "tiny-grid", settings.to_json()))
+    whole = RunStore.open(tmp_path / "runs" / "tiny-grid", settings.to_json())
+    run_sweep(tiny, settings, whole)
+    # a run still being written: its first shard now, the others while the page is open
+    live = RunStore.open(tmp_path / "runs" / "writing-now", settings.to_json())
+    shards = whole.shards()
+    total, first_rows = len(whole.frame()), len(pd.read_parquet(shards[0]))
+    (live.folder / shards[0].name).write_bytes(shards[0].read_bytes())
+    live.update(status="running", rows_done=first_rows, rows_total=total)
     with serving_app(ZIGZAG_VIZ_RUNS=str(tmp_path / "runs")) as url:
         page = browser.new_page(viewport={"width": 1440, "height": 900})
         page.goto(f"{url}/Runs")
@@ -155,4 +163,14 @@ def test_runs_page_draws_a_stored_sweep(browser, tiny, tmp_path, screenshot):
         _idle(page)
         assert "Traceback" not in page.content()
         screenshot(page, "runs.png")
+
+        page.get_by_role("combobox", name="Run").click()
+        page.get_by_role("option", name="writing-now", exact=True).click()
+        page.get_by_text(f"running · {first_rows} of {total} rows").wait_for(timeout=60_000)
+        assert page.get_by_text("refreshing every 5 s").count() == 1
+        for shard in shards[1:]:
+            (live.folder / shard.name).write_bytes(shard.read_bytes())
+        live.update(status="complete", rows_done=total)
+        page.get_by_text(f"complete · {total} of {total} rows").wait_for(timeout=30_000)  # no reload
+        assert "Traceback" not in page.content()
         page.close()
