@@ -130,3 +130,27 @@ def test_variants_get_their_own_shade_of_the_method_colour():
     assert charts.METHOD_COLOURS["zigzag"] not in colours
     assert charts.method_colour("zigzag[rho=0.5]") == charts.method_colour("Zigzag[rho=0.5]")
     assert all(len(c) == 7 and c.startswith("#") for c in colours)
+
+
+def _lab(colour: str) -> np.ndarray:
+    """CIE L*a*b* (D65) of an sRGB colour #rrggbb."""
+    rgb = np.array([int(colour[i : i + 2], 16) / 255 for i in (1, 3, 5)])
+    linear = np.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]) @ linear
+    xyz = xyz / np.array([0.95047, 1.0, 1.08883])  # relative to the D65 white
+    f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16 / 116)
+    return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+
+def test_every_method_and_signal_colour_stays_distinct_from_every_other():
+    """ΔE*76 ≥ 25 between any two of the colours drawn side by side (methods, and the signals beside budgets);
+    every registered method has a colour of its own."""
+    from zigzag_viz.methods import METHODS
+
+    assert set(METHODS) <= set(charts.METHOD_COLOURS)
+    colours = {**charts.METHOD_COLOURS, **{f"signal {k}": v for k, v in charts.SIGNAL_COLOURS.items()}}
+    names = list(colours)
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            distance = float(np.linalg.norm(_lab(colours[first]) - _lab(colours[second])))
+            assert distance >= 25, f"{first} {colours[first]} and {second} {colours[second]}: ΔE {distance:.1f}"

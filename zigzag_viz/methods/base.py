@@ -190,7 +190,11 @@ class TokenBudgetMethod(CompressionMethod):
         held = keys.shape[-2]
         inputs = LayerInputs(torch.from_numpy(a.kv_scores(layer)[:, -held:]).to(keys.device), keys, entry.values,
                              n_tokens=a.n_tokens)
-        if self.prefill_needs:
+        if "reconstruction" in self.prefill_needs:
+            if a.reconstruction is None:
+                raise InputError(f"{self.spec}: this selection needs the prefill's reconstruction scores")
+            inputs.reconstruction = torch.from_numpy(a.reconstruction[layer][:, -held:]).to(keys.device)
+        if "window_queries" in self.prefill_needs:
             if a.window_queries is None or context.loaded is None:
                 raise InputError(f"{self.spec}: this selection needs the prefill's window queries and the model")
             w = a.window_queries.shape[2]

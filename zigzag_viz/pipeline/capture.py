@@ -31,7 +31,9 @@ MAX_BINS = 512
 PREFILL_RECORDS = {
     "query_energy": "Σ over window queries of q_c² per channel and query head (ThinK)",
     "window_queries": "the window's queries per query head, RoPE applied (Expected Attention)",
+    "reconstruction": "the most attention each prompt token gets while the model repeats the prompt (KVzip)",
 }
+RECONSTRUCTION_QUERY_CHUNK = 128  # queries scored at once while the prompt is repeated (bounds the memory)
 
 
 class Cancelled(Exception):
@@ -51,6 +53,9 @@ class PromptAnalysis:
         when the prefill is asked for "query_energy" (ThinK declares it), else None.
     window_queries: (L, H_q, w, d) the last w queries, RoPE applied, at positions n − w … n − 1; recorded only
         when asked for "window_queries" (the expected-attention selector declares it), else None.
+    reconstruction: (L, H_kv, n) the largest attention probability each prompt token receives from any query of
+        the KV head's group while the model reads the prompt a second time after a "repeat it" instruction
+        (KVzip's score); recorded only when asked for "reconstruction", else None.
     lmbo_cos: (L, G) deep mode only: cosine of the window output with only this layer compressed to
         each fraction of LMBO_GRID, against its full-cache output.
     """
@@ -65,6 +70,7 @@ class PromptAnalysis:
     layer_caps: np.ndarray
     query_channel_energy: np.ndarray | None = None
     window_queries: np.ndarray | None = None
+    reconstruction: np.ndarray | None = None
     lmbo_cos: np.ndarray | None = None
 
     @property
@@ -298,6 +304,29 @@ class SignalRecorder:
             window_queries=np.stack(self.window_queries) if "window_queries" in self.needs else None,
             lmbo_cos=self.lmbo_cos,
         )
+
+
+class ReconstructionObserver:
+    """Sees one prefill of [prompt (n tokens), repeat instruction, prompt again] and keeps, per layer, the largest
+    attention probability each of the first n keys receives from the queries at positions ≥ `first_query`
+    (the instruction and the repeated prompt), over the query heads of each KV head: (H_kv, n), as KVzip scores
+    a KV pair. Queries are scored `RECONSTRUCTION_QUERY_CHUNK` at a time."""
+
+    def __init__(self, num_layers: int, n_prompt: int, first_query: int):
+        self.n_prompt = n_prompt
+        self.first_query = first_query
+        self.scores: list[np.ndarray | None] = [None] * num_layers
+
+    def on_attention(self, module, query, key, value, scaling, sliding_window) -> None:
+        heads_kv, total = key.shape[1], query.shape[2]
+        best = torch.zeros(heads_kv, self.n_prompt, device=query.device)
+        for start in range(self.first_query, total, RECONSTRUCTION_QUERY_CHUNK):
+            stop = min(start + RECONSTRUCTION_QUERY_CHUNK, total)
+            scores = attention.grouped_scores(attention.grouped_queries(query[:, :, start:stop], heads_kv),
+                                              key[:, :, :stop], scaling)  # (1, H_kv, g·c, stop)
+            probabilities = torch.softmax(attention.masked_scores(scores, stop - start, sliding_window), dim=-1)
+            best = torch.maximum(best, probabilities[0, :, :, : self.n_prompt].amax(1))
+        self.scores[module.layer_idx] = best.cpu().numpy()
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

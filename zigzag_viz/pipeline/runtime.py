@@ -12,10 +12,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .attention import observing
-from .capture import PromptAnalysis, recording
+from .capture import PromptAnalysis, ReconstructionObserver, recording
 from ..errors import InputError, OutOfMemoryError
 from .models import LoadedModel
 
@@ -122,8 +123,32 @@ def prefill(
         started = time.perf_counter()
         with recording(loaded.model, window, deep=deep, progress=progress, needs=needs) as recorder:
             logits = forward_tokens(loaded, cache, input_ids, 0, last_only=True)
+        analysis = recorder.analysis()
+        analysis_s = recorder.seconds
+        if "reconstruction" in needs:
+            repeated = time.perf_counter()
+            analysis.reconstruction = reconstruction_scores(loaded, input_ids)
+            analysis_s += time.perf_counter() - repeated
         seconds = time.perf_counter() - started
-    return Prefill(input_ids, cache, logits[-1], recorder.analysis(), seconds, recorder.seconds)
+    return Prefill(input_ids, cache, logits[-1], analysis, seconds, analysis_s)
+
+
+REPEAT_INSTRUCTION = "\n\nRepeat the previous context exactly.\n\n"
+
+
+def reconstruction_scores(loaded: LoadedModel, input_ids: torch.Tensor) -> np.ndarray:
+    """KVzip's score (L, H_kv, n) of each token of `input_ids` (1, n): one extra forward pass over
+    [prompt, REPEAT_INSTRUCTION, prompt], recording the largest attention each prompt token receives from the
+    instruction's and the repeated prompt's queries (`capture.ReconstructionObserver`)."""
+    n = int(input_ids.shape[1])
+    instruction = loaded.tokenizer(REPEAT_INSTRUCTION, add_special_tokens=False)["input_ids"]
+    repeat = torch.cat([input_ids.cpu(), torch.tensor([instruction]), input_ids.cpu()], dim=1)
+    if repeat.shape[1] > loaded.max_context:
+        raise InputError(f"kvzip reads the prompt twice ({repeat.shape[1]} tokens), more than {loaded.name} accepts "
+                         f"({loaded.max_context}): use a shorter prompt or another selection")
+    observer = ReconstructionObserver(loaded.num_layers, n, first_query=n)
+    observe_prefill(loaded, repeat, observer)
+    return np.stack(observer.scores)
 
 
 def observe_prefill(loaded: LoadedModel, input_ids: torch.Tensor, observer) -> None:

@@ -23,7 +23,7 @@ class LayerInputs:
     window_scores (H_kv, held) window attention mass; keys, values (1, H_kv, held, d) as cached (RoPE applied);
     for question-agnostic scorers the window's queries (H_q, w, d, RoPE applied) at prompt positions (w,), the
     prompt length, `rotation(offsets) → (cos, sin)` each (len(offsets), d) for this layer's RoPE, and the
-    attention scaling."""
+    attention scaling; for KVzip the reconstruction scores (H_kv, held) of the held tokens."""
 
     window_scores: torch.Tensor
     keys: torch.Tensor
@@ -33,6 +33,7 @@ class LayerInputs:
     n_tokens: int = 0
     rotation: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     scaling: float = 1.0
+    reconstruction: torch.Tensor | None = None
 
 
 def keep_top(scores: torch.Tensor, budget: int, window: int) -> torch.Tensor:
@@ -119,6 +120,8 @@ SELECTORS: dict[str, Callable[[LayerInputs], torch.Tensor]] = {
     "knorm": lambda inputs: knorm_scores(inputs.keys),
     "hybrid": lambda inputs: hybrid_scores(inputs.window_scores, inputs.keys),
     "expected": expected_scores,
+    "kvzip": lambda inputs: inputs.reconstruction.float(),
 }
 # Prefill records a selector reads (`capture.PREFILL_RECORDS`).
-SELECTOR_NEEDS: dict[str, frozenset[str]] = {"expected": frozenset({"window_queries"})}
+SELECTOR_NEEDS: dict[str, frozenset[str]] = {"expected": frozenset({"window_queries"}),
+                                             "kvzip": frozenset({"reconstruction"})}

@@ -23,11 +23,12 @@ METHOD_COLOURS: dict[str, str] = {
     "kvsharer": "#9467bd",
     "minicache": "#bcbd22",
     "think": "#17becf",
-    "kivi": "#7f7f7f",
+    "kivi": "#3535d0",
     "less": "#393b79",
     "expected": "#c51b7d",
+    "kvzip": "#33a02c",
 }
-SIGNAL_COLOURS = {"entropy": "#6a3d9a", "lmba": "#d55e00", "hidden": "#1f78b4"}
+SIGNAL_COLOURS = {"entropy": "#d62ad6", "lmba": "#6d7328", "hidden": "#e3243f"}
 _FALLBACK = ["#1b9e77", "#e7298a", "#66a61e", "#a6761d", "#7570b3"]
 
 
