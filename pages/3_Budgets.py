@@ -41,6 +41,33 @@ if "budgets_analysis" not in st.session_state:
     st.stop()
 
 
+def use_choice(choice: dict) -> None:
+    """Move the ρ slider and the signal to a calibrated choice (a button callback: runs before the widgets)."""
+    st.session_state["budget_rho"] = float(choice["rho"])
+    st.session_state["budget_signal"] = choice["signal"]
+
+
+def calibrated_panel(model_name: str) -> None:
+    """What `zigzag[rho=auto,signal=auto]` chose for this model, or a button that chooses it."""
+    choice = ui.stored_zigzag_choice(backend, model_name)
+    if choice is None:
+        if st.button("Calibrate ρ and signal for this model", key="calibrate_zigzag",
+                     help="Tries ρ ∈ {0, 0.2, …, 1} × {lmba, entropy, hidden} on generated prompts that no evaluation "
+                          "uses and keeps the pair with the smallest mean KL to full KV at 20 % and 35 % kept "
+                          "(about 30 s on SmolLM2, CPU); zigzag[rho=auto,signal=auto] then uses it"):
+            choice = ui.calibrate_zigzag(backend, model_name)
+        if choice is None:
+            return
+    ranked = sorted(choice["kl"].items(), key=lambda item: item[1])
+    default = choice["kl"].get("0.2/lmba")
+    st.caption(f"Calibrated for this model: **ρ = {float(choice['rho']):g}, signal = {choice['signal']}** (mean KL "
+               f"to full KV {ranked[0][1]:.3f} nats on {choice['prompts']} generated prompts"
+               + (f"; the paper's ρ = 0.2 with LMBA: {default:.3f}" if default is not None else "")
+               + (". ρ = 1 is uniform: on this model ZigZag's shares did not help" if float(choice["rho"]) == 1.0 else "")
+               + "). `zigzag[rho=auto,signal=auto]` uses it.")
+    st.button("Use the calibrated ρ and signal", key="use_calibrated", on_click=use_choice, args=(choice,))
+
+
 @st.fragment
 def budget_panel() -> None:
     """Sliders and everything drawn from them: reruns alone, from the analysis kept in session_state."""
@@ -54,6 +81,7 @@ def budget_panel() -> None:
         f"(fixed by the analysis) · smallest feasible kept fraction ≈ {smallest:.3f}"
     )
     signals = ["lmba", "entropy", "hidden"] + (["lmbo"] if analysis.lmbo_cos is not None else [])
+    calibrated_panel(result.model)
     col_a, col_b, col_c = st.columns(3)
     with col_a:
         fraction = st.slider("Kept fraction", 0.05, 1.0, 0.2, 0.01, key="budget_fraction",

@@ -146,6 +146,32 @@ def test_budgets_page_sliders_recompute_without_the_model(monkeypatch):
     assert not at.error
 
 
+def test_budgets_page_calibrates_rho_and_signal_and_moves_the_sliders_to_them(monkeypatch, tmp_path):
+    from collections import Counter
+
+    from zigzag_viz.methods import calibration
+    from zigzag_viz.methods.zigzag import ZigZag
+
+    monkeypatch.setenv("ZIGZAG_VIZ_CACHE", str(tmp_path))
+    monkeypatch.setattr(ZigZag, "calibration_set", calibration.CalibrationSet(prompts=2, sentences=8, seed=7000))
+    monkeypatch.setattr(calibration, "computations", Counter())
+    calibration.memo.clear()
+    at = _analysed(BUDGETS)
+    assert not any("Calibrated for this model" in c.value for c in at.caption)
+    _button(at, "Calibrate ρ and signal for this model").click().run()
+    _no_traceback(at)
+    assert not at.error, _messages(at)
+    chosen = next(c.value for c in at.caption if "Calibrated for this model" in c.value)
+    stored = ZigZag(rho="auto", signal="auto").stored_result(ui.cached_model("tiny"))
+    assert f"ρ = {float(stored['rho']):g}, signal = {stored['signal']}" in chosen
+    _button(at, "Use the calibrated ρ and signal").click().run()
+    assert _slider(at, "ρ (ZigZag floor share)").value == pytest.approx(float(stored["rho"]))
+    assert at.radio(key="budget_signal").value == stored["signal"]
+    at = _analysed(BUDGETS)  # a new session finds the stored choice without calibrating again
+    assert any("Calibrated for this model" in c.value for c in at.caption)
+    assert calibration.computations["zigzag"] == 1
+
+
 def test_budgets_page_budget_below_the_window_is_a_message():
     at = _analysed(BUDGETS, window=512)
     assert "window w = 512" in " ".join(c.value for c in at.caption)

@@ -31,8 +31,11 @@ class Parameter:
     choices: tuple | None = None
     low: float | None = None
     high: float | None = None
+    auto: bool = False  # also accepts "auto": the method chooses the value per model (a calibration)
 
     def parse(self, method: str, name: str, text: Any) -> Any:
+        if self.auto and str(text).strip().lower() == "auto":
+            return "auto"
         try:
             value = self.kind(text)
         except (TypeError, ValueError):

@@ -248,6 +248,19 @@ class CalibratedMethod(CompressionMethod):
             lock.release()
         return held.result
 
+    def stored_result(self, loaded: LoadedModel) -> dict | None:
+        """This method's calibration of `loaded` when it is in memory or stored and usable, else None; never
+        computes anything (for showing what a calibration chose)."""
+        manifest = calibration_path(loaded, self.name)
+        key = self.calibration_key(loaded)
+        held = memo.get((str(manifest), key))
+        if held is not None:
+            return held.result
+        try:
+            return self._stored(loaded, manifest, key)
+        except Exception:  # a damaged file is reported when the calibration is used, not here
+            return None
+
     def calibration_notes(self, loaded: LoadedModel) -> list[str]:
         """Notes about this calibration that no report has shown yet (a stored file that had to be recomputed)."""
         held = memo.get((str(calibration_path(loaded, self.name)), self.calibration_key(loaded)))

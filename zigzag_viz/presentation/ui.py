@@ -310,3 +310,30 @@ def run_rows(folder: Path) -> tuple[dict, pd.DataFrame]:
     store = RunStore(folder)
     manifest = store.manifest()
     return manifest, _stored_rows(str(folder), (manifest.get("updated"), tuple(p.name for p in store.shards())))
+
+
+# ZigZag calibrated per model (the Budgets page).
+
+AUTO_ZIGZAG = "zigzag[rho=auto,signal=auto]"
+
+
+def stored_zigzag_choice(backend: Backend | None, model_name: str) -> dict | None:
+    """The (ρ, signal) calibrated for this in-process model when it was computed before (never computes), else None."""
+    if not isinstance(backend, InProcess) or not model_name:
+        return None
+    return parse_specs(AUTO_ZIGZAG)[0].stored_result(cached_model(model_name))
+
+
+def calibrate_zigzag(backend: Backend | None, model_name: str) -> dict | None:
+    """Choose ρ and signal for this in-process model (smallest mean KL to full KV), inside a status box."""
+    if not isinstance(backend, InProcess):
+        st.warning("Calibration runs on models in this process: pick the in-process backend in the sidebar.")
+        return None
+    with st.status(f"Choosing ρ and signal for {model_name}…", expanded=True) as status:
+        bar = st.progress(0.0, text="loading the model")
+        method = parse_specs(AUTO_ZIGZAG)[0]
+        result = run_safely(lambda: method.calibrate(cached_model(model_name), _shown_on(bar)), "Calibration")
+        bar.empty()
+        status.update(label=f"Calibrated {model_name}" if result else "Stopped: see the message below",
+                      state="complete" if result else "error", expanded=not result)
+    return result
