@@ -81,6 +81,25 @@ def test_adakv_stores_heads_of_different_lengths_without_padding(prefilled, tiny
     assert (together - stepwise).abs().max().item() <= 1e-4
 
 
+def test_head_split_keeps_infinite_scores_and_pools_negative_ones_by_their_order():
+    sinks = torch.tensor([[float("inf"), 0.5, 0.2, 0.1, 0.1, 0.1], [float("inf"), 0.1, 0.1, 0.1, 0.1, 0.6]])
+    keep = head_split(sinks, budget=3, window=1, alpha=0.0)
+    assert sum(len(k) for k in keep) == 6 and all(k[0].item() == 0 and k[-1].item() == 5 for k in keep)
+    assert 1 in keep[0].tolist()  # the best finite score of the first head
+    norms = -torch.tensor([[1.0, 9.0, 8.0, 7.0, 6.0, 5.0], [5.0, 5.0, 5.0, 5.0, 5.0, 5.0]])  # −‖k‖: the lowest norm wins
+    keep = head_split(norms, budget=3, window=1, alpha=0.0)
+    assert sum(len(k) for k in keep) == 6 and 0 in keep[0].tolist() and all(torch.isfinite(k.float()).all() for k in keep)
+
+
+@pytest.mark.parametrize("select", ["expected", "kvzip", "knorm", "hybrid"])
+def test_adakv_splits_heads_on_any_selection(tiny, select):
+    prompt = passkey_prompt(n_sentences=12, seed=6).text
+    whole = compare(tiny, prompt, f"full,adakv[select={select}]", budget=1.0, max_new_tokens=6, window=16)
+    assert whole.results[1].token_ids == whole.results[0].token_ids
+    kept = compare(tiny, prompt, f"full,adakv[select={select}]", budget=0.3, max_new_tokens=6, window=16).results[1]
+    assert kept.kv_fraction == pytest.approx(0.3, abs=0.01)
+
+
 @pytest.mark.parametrize("spec", ["streaming", "l2norm", "adakv", "adakv[alloc=zigzag]"])
 def test_budget_one_is_the_identity(tiny, spec):
     prompt = passkey_prompt(n_sentences=10, seed=4).text

@@ -1,4 +1,8 @@
-"""AdaKV: within each layer, KV heads get different budgets by pooling all heads' scores (with a safeguard)."""
+"""AdaKV: within each layer, KV heads get different budgets by pooling all heads' scores (with a safeguard).
+
+Any selector's scores pool (`select=`): each head's finite scores are shifted to start at 0 when some are negative
+(key-norm scores are −‖k‖), then divided by their sum so heads compare; +inf (expected attention's sink tokens)
+stays a must-keep."""
 
 import math
 
@@ -6,7 +10,6 @@ import numpy as np
 import torch
 
 from ..pipeline import cache as kvcache
-from ..pipeline.selection import snapkv_scores
 from .base import CompressionReport, Parameter, TokenBudgetMethod, prompt_positions, register
 
 
@@ -21,6 +24,7 @@ class AdaKV(TokenBudgetMethod):
     parameters = {
         "alloc": TokenBudgetMethod.alloc_parameter,
         "alpha": Parameter(float, 0.2, "share of each layer's budget spread evenly over heads", low=0.0, high=1.0),
+        "select": TokenBudgetMethod.select_parameter,
     }
 
     def layer_budgets(self, context):
@@ -35,7 +39,7 @@ class AdaKV(TokenBudgetMethod):
             held = keys.shape[-2]
             if budget >= held:
                 continue
-            scores = snapkv_scores(torch.from_numpy(context.analysis.kv_scores(layer)[:, -held:]).to(keys.device))
+            scores = self.scores(cache, layer, context)  # (H_kv, held)
             keep = head_split(scores, int(budget), min(window, int(budget)), self.params["alpha"])
             spreads.append(max(len(k) for k in keep) - min(len(k) for k in keep))
             entry = cache.layers[layer]
@@ -52,7 +56,12 @@ def head_split(scores: torch.Tensor, budget: int, window: int, alpha: float) -> 
     H·budget tokens in all are the best of the pooled, per-head-normalised scores of every head.
     """
     heads, n = scores.shape
-    ranked = scores.float() / scores.float().sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    scores = scores.float()
+    finite = torch.isfinite(scores)
+    shift = torch.where(finite, scores, torch.inf).amin(dim=-1, keepdim=True).clamp(max=0.0)
+    shifted = torch.where(finite, scores - shift, torch.zeros_like(scores))
+    ranked = shifted / shifted.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    ranked = torch.where(finite, ranked, scores)  # +inf stays a must-keep
     ranked[:, n - window :] = float("inf")
     order = torch.argsort(ranked, dim=-1, descending=True)
     guaranteed = window + math.floor(alpha * (budget - window))
