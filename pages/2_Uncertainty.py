@@ -4,6 +4,7 @@ import streamlit as st
 
 from zigzag_viz.pipeline import capture
 from zigzag_viz.presentation import charts, ui
+from zigzag_viz.evaluation import retention
 from zigzag_viz.evaluation.prompts import example_prompt
 
 st.set_page_config(page_title="Uncertainty · zigzag_viz", page_icon=":material/insights:", layout="wide")
@@ -80,6 +81,30 @@ ui.show_figure(charts.hidden_change_map_figure(capture.bin_columns(analysis.hidd
 st.subheader("Per-layer signals")
 ui.show_table(charts.layer_signals_table(analysis.entropy, analysis.entropy_norm, lmba_heads, hidden,
                                         analysis.layer_caps, n, lmbo=lmbo), "layer signals")
+
+st.subheader("Why ZigZag's allocation helps or hurts on this model")
+st.caption("ZigZag (LMBA, ρ = 0.2) and uniform budgets, both with SnapKV selection at the same kept fraction, on "
+           "generated pass-key prompts (four template families, the key at 20 %, 50 % and 80 % depth): per layer, the "
+           "share of the key's tokens each one's KV heads kept, and the tokens each gave the layer. Where ZigZag keeps "
+           "less of the key than uniform, its budget there is usually smaller.")
+first, second, third = st.columns(3)
+explain_fraction = first.slider("Kept fraction", 0.05, 0.7, 0.2, 0.05, key="explain_fraction")
+explain_count = second.number_input("Prompts", min_value=2, max_value=12, value=6, key="explain_count",
+                                    help="About 512 tokens each; a few seconds per prompt on SmolLM2 (CPU)")
+explain_mode = third.radio("Setting", ["aware", "context"], horizontal=True, key="explain_mode",
+                           help="aware: compress after the question; context: compress, then ask")
+if st.button("Explain", key="explain"):
+    explained = ui.explain_allocation(backend, model_name, explain_fraction, int(explain_count), explain_mode,
+                                      int(window))
+    if explained is not None:
+        st.session_state["explanation"] = (model_name, explain_fraction, explain_mode, explained)
+if st.session_state.get("explanation") is not None:
+    explained_model, explained_fraction, explained_mode, explained = st.session_state["explanation"]
+    st.markdown(retention.retention_verdict(explained))
+    ui.show_figure(charts.answer_retention_figure(
+        explained, f"{explained_model}, {explained_fraction:.0%} kept, {explained_mode} setting: the pass key per layer"),
+        "answer kept per layer")
+    ui.show_table(explained, "answer kept per layer")
 
 st.subheader("Across models")
 st.caption("The same prompt and window on each model, LMBA drawn against relative depth: where the zig-zag sits "

@@ -553,3 +553,25 @@ def depth_length_figure(grid: pd.DataFrame, title: str) -> go.Figure:
     fig.update_xaxes(title_text="prompt length (tokens)", type="category")
     fig.update_yaxes(title_text="needle depth", type="category")
     return _layout(fig, title, height=320)
+
+
+def answer_retention_figure(table: pd.DataFrame, title: str) -> go.Figure:
+    """Two panels over layers from `retention.mean_retention`: the share of the answer's tokens × KV heads each
+    method kept (top, 0–1) and the tokens each kept per layer (bottom), one colour per method."""
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1, row_heights=[0.55, 0.45],
+                        subplot_titles=("Share of the answer's tokens kept", "Tokens kept per layer"))
+    for method, rows in table.groupby("method", sort=False):
+        colour = method_colour(method)
+        fig.add_trace(go.Scatter(x=rows["layer"], y=rows["answer_kept"], mode="lines+markers", name=method,
+                                 line=dict(color=colour, width=2.5), legendgroup=method,
+                                 hovertemplate="layer %{x}<br>%{y:.0%} of the answer kept<extra>" + method + "</extra>"),
+                      row=1, col=1)
+        fig.add_trace(go.Bar(x=rows["layer"], y=rows["budget"], name=method, marker_color=colour, legendgroup=method,
+                             showlegend=False, hovertemplate="layer %{x}<br>%{y:.0f} tokens<extra>" + method + "</extra>"),
+                      row=2, col=1)
+    fig.update_yaxes(title_text="answer kept", range=[0, 1.05], tickformat=".0%", row=1, col=1)
+    fig.update_yaxes(title_text="tokens", rangemode="tozero", row=2, col=1)
+    fig.update_xaxes(title_text="layer", tickformat="d", row=2, col=1)
+    _layout(fig, title, height=560)
+    fig.update_layout(barmode="group", margin=dict(t=100), legend=dict(y=1.08))
+    return fig

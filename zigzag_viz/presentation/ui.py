@@ -13,6 +13,7 @@ import streamlit as st
 
 from ..errors import UserError
 from ..failures import unexpected
+from ..evaluation import retention
 from ..evaluation.runner import LruCache
 from ..evaluation.store import RunStore
 from ..methods import METHODS, CompressionMethod, Parameter, parse_specs
@@ -337,3 +338,32 @@ def calibrate_zigzag(backend: Backend | None, model_name: str) -> dict | None:
         status.update(label=f"Calibrated {model_name}" if result else "Stopped: see the message below",
                       state="complete" if result else "error", expanded=not result)
     return result
+
+
+# Why an allocation helps or hurts (the Uncertainty page).
+
+def explain_allocation(backend: Backend | None, model_name: str, fraction: float, count: int, mode: str,
+                       window: int, methods: str = "zigzag,uniform") -> pd.DataFrame | None:
+    """Full KV and `methods` on `count` generated pass-key prompts through the backend, with progress: the mean
+    share of the answer each method kept per layer (`retention.mean_retention`), or None when it cannot run."""
+    if backend is None or not model_name:
+        st.warning("Pick a backend and a model in the sidebar first.")
+        return None
+    bar = st.progress(0.0, text="generating the prompts")
+    tables = []
+    try:
+        for index, prompt in enumerate(retention.explanation_prompts(int(count))):
+            options = CompareOptions(model_name, prompt.text, f"full,{methods}", float(fraction), 8, int(window),
+                                     answer=prompt.answers[0], mode=mode)
+
+            def report(done: float, message: str, index=index) -> None:
+                bar.progress(min(max((index + done) / count, 0.0), 1.0), text=f"prompt {index + 1} of {count}: {message}")
+
+            shown = run_safely(lambda: backend.comparison(options, report, lambda *_: None), f"Prompt {index + 1}")
+            if shown is None:
+                return None
+            table = retention.answer_retention(shown.comparison)
+            tables.append(table[table["method"] != "full"])  # full KV keeps all of it everywhere
+    finally:
+        bar.empty()
+    return retention.mean_retention(tables)
