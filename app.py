@@ -31,20 +31,20 @@ The same library drives the command line: `.venv/bin/zigzag-viz compare --help`.
 """
 
 
-st.set_page_config(page_title="zigzag_viz", page_icon=":material/stacked_line_chart:", layout="wide")
+st.set_page_config(page_title="zigzag_viz", page_icon="🧭", layout="wide")
 st.title("zigzag_viz")
 st.markdown(INTRO)
 st.subheader("Start here")
 st.page_link("pages/1_Compare.py", label="**Compare**: one prompt, full KV against compressed caches: answers side by "
              "side, and which tokens each layer kept",
-             icon=":material/compare:")
+             icon="⚖️")
 st.page_link("pages/2_Uncertainty.py", label="**Uncertainty**: entropy, LMBA, hidden change and LMBO per layer, "
              "where each layer looks, and how models differ",
-             icon=":material/stacked_line_chart:")
+             icon="📈")
 st.page_link("pages/3_Budgets.py", label="**Budgets**: move ρ, τ, β and the kept fraction; ZigZag, PyramidKV and "
              "uniform budgets and their KV bytes redraw without the model",
-             icon=":material/tune:")
+             icon="🎚️")
 st.page_link("pages/4_Runs.py", label="**Runs**: stored sweeps of generated tasks (made with zigzag-viz sweep): score against "
              "kept fraction per method, where the needle is lost by depth and length, the smallest lossless fraction",
-             icon=":material/table_chart:")
+             icon="🗂️")
 st.markdown(STEPS)

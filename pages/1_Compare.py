@@ -12,7 +12,7 @@ from zigzag_viz.pipeline.capture import bins_of
 from zigzag_viz.evaluation.prompts import EXAMPLES
 from zigzag_viz.evaluation.store import check_run_name
 from zigzag_viz.evaluation.sweep import save_comparison
-from zigzag_viz.presentation.views import ComparisonResult
+from zigzag_viz.presentation.views import ComparisonResult, changed_settings
 from zigzag_viz.serving.api import CompareOptions
 
 OWN_PROMPT = "type your own"
@@ -21,7 +21,7 @@ MODES = {
     "context": "context: compress the context, then feed the question through the compressed cache (kvpress's setting)",
 }
 
-st.set_page_config(page_title="Compare · zigzag_viz", page_icon=":material/compare:", layout="wide")
+st.set_page_config(page_title="Compare · zigzag_viz", page_icon="⚖️", layout="wide")
 ui.page_style()
 st.title("Full KV vs compressed KV")
 
@@ -35,7 +35,6 @@ with st.sidebar:
     mode = st.radio("Setting", list(MODES), format_func=MODES.get, key="mode")
     window = st.number_input("Observation window w (tokens)", min_value=1, max_value=512, value=32,
                              help="The last w queries score the tokens; the last w tokens are always kept")
-    tau = st.slider("τ for LMBA", 0.50, 0.99, 0.90, 0.01, help="Attention mass the minimum budget must cover")
     max_new_tokens = st.number_input("Max new tokens", min_value=1, max_value=256, value=24)
 
 methods = ui.method_picker(["full", "zigzag", "pyramid", "uniform", "adakv"])
@@ -51,10 +50,13 @@ question = left.text_input("Question (optional)", key=f"question_{source}",
 answer = right.text_input("Known answer (optional, for the task score)", value=example.answer if example else "",
                           key=f"answer_{source}")
 
+specs = tuple(dict.fromkeys(m.spec for m in methods or []))
+options = CompareOptions(model=model_name or "", prompt=prompt, methods=",".join(specs), budget=float(budget),
+                         max_new_tokens=int(max_new_tokens), window=int(window), answer=answer.strip() or None,
+                         mode=mode, question=question.strip() or None)
 if ui.was_cancelled():
     st.info("Run cancelled; the results below are from the last finished run.")
 if st.button("Run", type="primary"):
-    specs = tuple(dict.fromkeys(m.spec for m in methods or []))
     if methods is None:
         st.warning("Fix the method spec above first: nothing ran.")
     elif backend is None:
@@ -66,13 +68,11 @@ if st.button("Run", type="primary"):
     elif not model_name:
         st.warning("Type a model folder or a cached model id.")
     else:
-        options = CompareOptions(model=model_name, prompt=prompt, methods=",".join(specs), budget=float(budget),
-                                 max_new_tokens=int(max_new_tokens), window=int(window), answer=answer.strip() or None,
-                                 mode=mode, question=question.strip() or None)
         with st.status(f"Running {len(specs)} method(s) on {model_name} in {backend.where}…", expanded=True) as status:
             result = ui.run_safely(lambda: ui.run_comparison(backend, options), "Comparison")
             if result:
                 st.session_state["comparison"] = result
+                st.session_state["comparison_options"] = options
                 status.update(label=f"Done: {result.comparison.n_tokens} prompt tokens, {len(specs)} method(s), "
                                     f"{result.comparison.mode} mode", state="complete", expanded=False)
             else:
@@ -93,6 +93,11 @@ if analysis.sliding_layers.any():
              f"tokens per layer: sliding-window layers hold at most {int(analysis.layer_caps.min())})")
 st.caption(f"{result.model} on {shown.device} · {result.n_tokens} prompt tokens ({compressed}) · {result.mode} mode · "
            f"kept fraction {result.budget:g}{share} · window {result.window}")
+changed = changed_settings(st.session_state.get("comparison_options"), options)
+if changed:
+    st.warning(f"Stale: {', '.join(changed)} changed since these results were made. Press **Run** to update them.",
+               icon="⚠️")
+st.markdown(f"**{result.verdict()}**")
 
 st.subheader("Answers side by side")
 per_row = min(4, max(len(result.results), 1))
@@ -110,7 +115,8 @@ for start in range(0, len(result.results), per_row):
                        f"KL {row.kl_mean:.3f} · {diverged}{score}")
 
 st.subheader("Metrics")
-ui.show_table(result.table(), "comparison")
+st.caption("Each measured against full KV on the same prefill; hover a column header for what it means.")
+ui.show_table(charts.metrics_table(result.results), "comparison", charts.METRIC_COLUMNS)
 st.download_button("Whole comparison as JSON (rows, curves, kept-token maps)", json.dumps(result.to_json()),
                    file_name="comparison.json", mime="application/json", key="json_comparison", on_click="ignore")
 
@@ -154,6 +160,7 @@ with bytes_tab:
     ui.show_figure(charts.kv_bytes_figure([r.method for r in result.results], [r.kv_bytes for r in result.results]),
                    "KV bytes")
 with why_tab:
+    tau = next((m.params["tau"] for m in methods or [] if "tau" in m.params), 0.9)  # the τ ZigZag runs with
     lmba = analysis.layer_signal("lmba", tau)
     ui.show_figure(charts.signals_figure(analysis.layer_signal("entropy"), lmba, analysis.layer_signal("hidden"), tau),
                    "layer signals")

@@ -7,7 +7,7 @@ from zigzag_viz.presentation import charts, ui
 from zigzag_viz.evaluation import retention
 from zigzag_viz.evaluation.prompts import example_prompt
 
-st.set_page_config(page_title="Uncertainty · zigzag_viz", page_icon=":material/insights:", layout="wide")
+st.set_page_config(page_title="Uncertainty · zigzag_viz", page_icon="📈", layout="wide")
 ui.page_style()
 st.title("Layer uncertainty")
 st.caption(

@@ -8,7 +8,7 @@ from zigzag_viz.presentation import charts, ui
 from zigzag_viz.evaluation.prompts import example_prompt
 from zigzag_viz.presentation.views import AnalysisResult
 
-st.set_page_config(page_title="Budgets · zigzag_viz", page_icon=":material/tune:", layout="wide")
+st.set_page_config(page_title="Budgets · zigzag_viz", page_icon="🎚️", layout="wide")
 ui.page_style()
 st.title("Per-layer budgets")
 st.caption(

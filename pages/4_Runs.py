@@ -9,7 +9,7 @@ from zigzag_viz.evaluation import aggregate
 from zigzag_viz.evaluation.store import runs_table
 from zigzag_viz.presentation import charts, ui
 
-st.set_page_config(page_title="Runs · zigzag_viz", page_icon=":material/table_chart:", layout="wide")
+st.set_page_config(page_title="Runs · zigzag_viz", page_icon="🗂️", layout="wide")
 ui.page_style()
 st.title("Stored runs")
 st.caption("Sweeps stored by `zigzag-viz sweep … --out runs/NAME`: every (task, prompt family, sample, length, "

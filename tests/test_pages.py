@@ -8,7 +8,7 @@ from streamlit.testing.v1 import AppTest
 from zigzag_viz.evaluation.prompts import EXAMPLES
 from zigzag_viz.pipeline import runtime
 from zigzag_viz.pipeline.capture import LMBO_GRID
-from zigzag_viz.presentation import ui
+from zigzag_viz.presentation import charts, ui
 from zigzag_viz.presentation.views import AnalysisResult
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,8 +209,10 @@ def test_compare_page_offers_every_method_with_its_parameters_and_runs_compositi
     _button(at, "Run").click().run()
     _no_traceback(at)
     table = at.dataframe[0].value
-    assert list(table["method"]) == ["full", "zigzag", "kivi", "think", "adakv", "zigzag+kivi", "uniform[select=knorm]"]
-    fraction = table.set_index("method")["kv_fraction"]
+    assert table["method"].iloc[0] == "full"  # then by KL
+    assert set(table["method"]) == {"full", "zigzag", "kivi", "think", "adakv", "zigzag+kivi", "uniform[select=knorm]"}
+    assert list(table["KL (nats)"].iloc[1:]) == sorted(table["KL (nats)"].iloc[1:])
+    fraction = table.set_index("method")["KV share"]
     for token_method in ("zigzag", "adakv", "uniform[select=knorm]"):  # these keep half of the prompt's tokens
         assert fraction[token_method] == pytest.approx(0.5, abs=0.01)
     assert 0 < fraction["kivi"] < 1 and 0 < fraction["think"] < 1  # quantized / pruned channels, every token
@@ -255,10 +257,11 @@ def test_compare_page_widgets_context_mode_figures_and_exports(monkeypatch):
     _no_traceback(at)
     assert not at.error, _messages(at)
     table = at.dataframe[0].value
-    assert list(table["method"]) == ["full", "zigzag", "adakv", "streaming"] and set(table["mode"]) == {"context"}
-    for column in ("rouge_l", "kl_mean", "top1_agreement", "prefill_s", "analysis_s", "decode_s", "ms_per_token",
-                   "kv_fraction", "task_score", "first_divergence"):
-        assert column in table.columns
+    assert table["method"].iloc[0] == "full" and set(table["method"]) == {"full", "zigzag", "adakv", "streaming"}
+    assert at.session_state["comparison"].comparison.mode == "context"
+    assert list(table.columns) == list(charts.METRIC_COLUMNS)  # readable headers with units, each with hover help
+    verdict = next(m.value for m in at.markdown if "kept fraction" not in m.value and m.value.startswith("**"))
+    assert "30% kept" in verdict or "30 %" in verdict
     # KL/top-1 curves, kept-token map, tokens per layer, KV bytes, layer signals, budget curves
     assert len(at.get("plotly_chart")) == 6
     assert at.multiselect(key="kept_methods").value == ["zigzag", "adakv", "streaming"]
@@ -277,12 +280,14 @@ def test_compare_page_widgets_context_mode_figures_and_exports(monkeypatch):
     at.multiselect(key="methods").set_value(["full", "zigzag", "adakv", "streaming", "pyramid"]).run()
     _button(at, "Run").click().run()
     assert prefills == ["context"] and rows[8:] == [("pyramid", 0.5)]
-    assert list(at.dataframe[0].value["method"]) == ["full", "zigzag", "adakv", "streaming", "pyramid"]
-    # Another mode is another prefill.
+    assert set(at.dataframe[0].value["method"]) == {"full", "zigzag", "adakv", "streaming", "pyramid"}
+    # Another mode is another prefill; the results on screen say they are stale until then.
     at.radio(key="mode").set_value("aware").run()
+    assert any("Stale: the setting changed" in w.value for w in at.warning)
     _button(at, "Run").click().run()
     assert prefills == ["context", "aware"]
-    assert set(at.dataframe[0].value["mode"]) == {"aware"}
+    assert at.session_state["comparison"].comparison.mode == "aware"
+    assert not any("Stale" in w.value for w in at.warning)
 
 
 def test_compare_page_explains_missing_question_and_empty_prompt():
@@ -300,4 +305,4 @@ def test_compare_page_explains_missing_question_and_empty_prompt():
     _button(at, "Run").click().run()
     _no_traceback(at)
     assert not at.error, _messages(at)
-    assert set(at.dataframe[0].value["mode"]) == {"context"}
+    assert at.session_state["comparison"].comparison.mode == "context"

@@ -27,6 +27,9 @@ from ..pipeline.models import LoadedModel
 MODES = ("aware", "context")
 
 
+NOISE_FLOOR = 1e-6  # divergences below this are float rounding, shown as 0
+
+
 @dataclass
 class MethodResult:
     """One method's answer, what its cache cost and what it kept.
@@ -127,6 +130,36 @@ class Comparison:
         hidden = {"layer_budgets", "kl_curve", "top1_curve", "token_ids"}
         rows = [{k: v for k, v in r.to_json().items() if k not in hidden} for r in self.results]
         return pd.DataFrame(rows)
+
+    def verdict(self, equal_memory: float = 0.02) -> str:
+        """One or two sentences for the top of a page: which methods kept the answer (the known answer in their
+        text, else the full-KV text token for token), the one closest to full KV by mean KL among those holding
+        the asked share of the bytes (± `equal_memory`), and the methods that hold another share."""
+        rows = [r for r in self.results if r.method != "full"]
+        if not rows:
+            return "Only full KV ran: add a method to compare."
+        by_answer = self.answer is not None and all(r.task_score is not None for r in rows)
+        kept = [r for r in rows if (r.task_score == 1.0 if by_answer else r.first_divergence is None)]
+        what = f"the answer “{self.answer}”" if by_answer else "full KV's answer token for token"
+        if not kept:
+            first = f"No method kept {what} at {self.budget:.0%} kept."
+        elif len(kept) == len(rows):
+            first = f"Every method kept {what} at {self.budget:.0%} kept."
+        else:
+            lost = [r.method for r in rows if r not in kept]
+            first = (f"At {self.budget:.0%} kept, {', '.join(r.method for r in kept)} kept {what}; "
+                     f"{', '.join(lost)} lost it.")
+        equal = [r for r in rows if abs(r.kv_fraction - self.budget) <= equal_memory]
+        other = [r for r in rows if r not in equal]
+        parts = [first]
+        if equal:
+            best = min(equal, key=lambda r: r.kl_mean)
+            kl = f"{best.kl_mean:.3g}" if best.kl_mean >= NOISE_FLOOR else "0"
+            parts.append(f"Closest to full KV at {self.budget:.0%} of its bytes: {best.method} (mean KL {kl} nats).")
+        if other:
+            parts.append("At other memory, so not comparable head to head: "
+                         + ", ".join(f"{r.method} holds {r.kv_fraction:.0%} of the bytes" for r in other) + ".")
+        return " ".join(parts)
 
     def binned_kept_maps(self, max_bins: int = MAX_BINS) -> tuple[np.ndarray, list[str], dict[str, np.ndarray]]:
         """Bin edges (bins + 1,), bin texts (bins,) and each method's kept-token map averaged per bin (L, bins)."""

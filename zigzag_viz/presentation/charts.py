@@ -28,6 +28,7 @@ METHOD_COLOURS: dict[str, str] = {
     "expected": "#c51b7d",
     "kvzip": "#33a02c",
 }
+NOISE_FLOOR = 1e-6  # divergences below this are float rounding, drawn as 0
 SIGNAL_COLOURS = {"entropy": "#d62ad6", "lmba": "#6d7328", "hidden": "#e3243f"}
 _FALLBACK = ["#1b9e77", "#e7298a", "#66a61e", "#a6761d", "#7570b3"]
 
@@ -132,10 +133,12 @@ def agreement_curves_figure(curves: Mapping[str, tuple[Sequence[float], Sequence
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1,
                         subplot_titles=("KL(full ‖ method) per step (nats)", "Top-1 agreement with full KV, running mean"))
     for name, (kl, top1) in curves.items():
+        kl = np.asarray(kl, dtype=float)
+        kl = np.where(np.abs(kl) < NOISE_FLOOR, 0.0, kl)  # float rounding, not divergence
         steps = np.arange(len(kl))
         colour = method_colour(name)
         running = np.cumsum(top1) / np.arange(1, len(top1) + 1) if len(top1) else np.asarray([])
-        fig.add_trace(go.Scatter(x=steps, y=np.asarray(kl), mode="lines+markers", name=name, legendgroup=name,
+        fig.add_trace(go.Scatter(x=steps, y=kl, mode="lines+markers", name=name, legendgroup=name,
                                  line=dict(color=colour, width=2), marker=dict(size=5),
                                  hovertemplate="step %{x}<br>KL %{y:.4f} nats<extra>" + name + "</extra>"), row=1, col=1)
         fig.add_trace(go.Scatter(x=steps, y=running, mode="lines", name=name, legendgroup=name, showlegend=False,
@@ -575,3 +578,49 @@ def answer_retention_figure(table: pd.DataFrame, title: str) -> go.Figure:
     _layout(fig, title, height=560)
     fig.update_layout(barmode="group", margin=dict(t=100), legend=dict(y=1.08))
     return fig
+
+
+# The Compare page's metrics table: readable headers with units, what each metric means (hover help) and how
+# its numbers are shown (a printf format, or "percent" for shares in [0, 1]; None: as they are).
+METRIC_COLUMNS: dict[str, tuple[str, str | None]] = {
+    "method": ("The method and its parameters, as a spec string", None),
+    "KV (MiB)": ("Bytes the compressed cache holds, in MiB (2²⁰ bytes)", "%.3f"),
+    "KV share": ("Share of full KV's bytes: methods compare fairly only at the same share", "percent"),
+    "answer": ("✔ the known answer appears in the text, ✘ it does not, – no known answer", None),
+    "same tokens": ("Share of generated tokens equal to full KV's, position by position", "percent"),
+    "first divergence": ("Index of the first generated token that differs from full KV's; empty when none does", None),
+    "ROUGE-L": ("Longest-common-subsequence F score against full KV's text, 0–1; a wrong key of the right length "
+                "still scores high", "%.3f"),
+    "KL (nats)": ("Mean KL(full ‖ method) of the next-token distributions, teacher-forced along full KV's answer; "
+                  "0 = the same predictions (below 1e-6 shown as 0)", "%.4g"),
+    "top-1": ("Share of steps whose most likely next token equals full KV's", "percent"),
+    "prefill (s)": ("The forward pass over the prompt (plus, in context mode, the question through this cache)",
+                    "%.3f"),
+    "analysis (s)": ("Signal capture and the method's budget rule (0 for full KV)", "%.3f"),
+    "compress (s)": ("Evicting, merging or quantising the cache", "%.3f"),
+    "decode (ms/token)": ("Decoding time per generated token", "%.1f"),
+}
+
+
+def metrics_table(results: Sequence) -> pd.DataFrame:
+    """One row per method result (full KV first, then by mean KL) with the columns of METRIC_COLUMNS; shares
+    in [0, 1], KL below NOISE_FLOOR as 0."""
+    def answer(score):
+        return "–" if score is None else "✔" if score else "✘"
+
+    rows = [{
+        "method": r.method,
+        "KV (MiB)": r.kv_bytes / 2**20,
+        "KV share": r.kv_fraction,
+        "answer": answer(r.task_score),
+        "same tokens": r.token_agreement,
+        "first divergence": r.first_divergence,
+        "ROUGE-L": r.rouge_l,
+        "KL (nats)": 0.0 if r.kl_mean < NOISE_FLOOR else r.kl_mean,
+        "top-1": r.top1_agreement,
+        "prefill (s)": r.prefill_s,
+        "analysis (s)": r.analysis_s,
+        "compress (s)": r.compress_s,
+        "decode (ms/token)": r.ms_per_token,
+    } for r in sorted(results, key=lambda r: (r.method != "full", r.kl_mean))]
+    return pd.DataFrame(rows, columns=list(METRIC_COLUMNS)).astype({"first divergence": "Int64"})

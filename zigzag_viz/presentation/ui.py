@@ -180,26 +180,33 @@ def _slug(text: str) -> str:
 
 
 def show_figure(fig: go.Figure, name: str) -> None:
-    """Draw a figure with PNG export in its toolbar (camera) and an HTML download beside it."""
+    """Draw a figure with PNG export in its toolbar (camera) and an HTML download beside it: one file with
+    plotly.js inside, so it opens offline (made only when the button is pressed)."""
     st.plotly_chart(
         fig, width="stretch",
         config={"toImageButtonOptions": {"format": "png", "filename": _slug(name), "scale": 2}, "displaylogo": False},
     )
     st.download_button(
-        f"Download {name} (HTML)", fig.to_html(include_plotlyjs="cdn", full_html=True), file_name=f"{_slug(name)}.html",
-        mime="text/html", key=f"html_{_slug(name)}", on_click="ignore",
+        f"Download {name} (HTML)", lambda: fig.to_html(include_plotlyjs=True, full_html=True),
+        file_name=f"{_slug(name)}.html", mime="text/html", key=f"html_{_slug(name)}", on_click="ignore",
     )
 
 
-def show_table(frame: pd.DataFrame, name: str) -> None:
-    """A dataframe with CSV and Parquet downloads."""
-    st.dataframe(frame, width="stretch", hide_index=True)
+def show_table(frame: pd.DataFrame, name: str, columns: dict[str, tuple[str, str | None]] | None = None) -> None:
+    """A dataframe and CSV and Parquet downloads; `columns` maps a column to (help shown on hovering its header,
+    number format: a printf format or "percent", or None)."""
+    config = {}
+    for column, (text, number_format) in (columns or {}).items():
+        if column in frame:
+            config[column] = (st.column_config.NumberColumn(help=text, format=number_format) if number_format
+                              else st.column_config.Column(help=text))
+    st.dataframe(frame, width="stretch", hide_index=True, column_config=config or None)
     left, right = st.columns(2)
-    left.download_button(f"{name} as CSV", frame.to_csv(index=False), file_name=f"{_slug(name)}.csv",
+    left.download_button(f"{name} as CSV", lambda: frame.to_csv(index=False), file_name=f"{_slug(name)}.csv",
                          mime="text/csv", key=f"csv_{_slug(name)}", on_click="ignore")
-    right.download_button(f"{name} as Parquet", frame.to_parquet(index=False), file_name=f"{_slug(name)}.parquet",
-                          mime="application/octet-stream", key=f"parquet_{_slug(name)}",
-                          on_click="ignore")
+    right.download_button(f"{name} as Parquet", lambda: frame.to_parquet(index=False),
+                          file_name=f"{_slug(name)}.parquet", mime="application/octet-stream",
+                          key=f"parquet_{_slug(name)}", on_click="ignore")
 
 
 def page_style() -> None:

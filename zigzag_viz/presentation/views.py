@@ -97,3 +97,16 @@ def device_info(loaded: LoadedModel) -> DeviceInfo:
         in_use = int(torch.cuda.memory_allocated(loaded.device))
         total = int(torch.cuda.get_device_properties(loaded.device).total_memory)
     return DeviceInfo(loaded.name, str(loaded.device), str(loaded.dtype).removeprefix("torch."), in_use, total)
+
+
+SETTING_NAMES = {"model": "the model", "prompt": "the prompt", "methods": "the methods", "budget": "the kept fraction",
+                 "max_new_tokens": "max new tokens", "window": "the window", "answer": "the known answer",
+                 "mode": "the setting", "question": "the question"}
+
+
+def changed_settings(made_with, now) -> list[str]:
+    """What differs, in words, between the options a result was made with and the options on screen now
+    (dataclasses with the fields of SETTING_NAMES); none when there is no result."""
+    if made_with is None:
+        return []
+    return [name for field, name in SETTING_NAMES.items() if getattr(made_with, field) != getattr(now, field)]
