@@ -29,11 +29,11 @@ with st.sidebar:
     st.header("Settings")
     backend = ui.backend_picker()
     model_name = ui.model_picker(backend)
-    budget = st.slider("Kept fraction of the prompt", 0.05, 1.0, 0.3, 0.05,
+    budget = ui.shared(st.slider, "Kept fraction of the prompt", min_value=0.05, max_value=1.0, step=0.01, key="kept_fraction",
                        help="Share of what full KV holds for the compressed prompt (every layer's own length: a "
                             "sliding-window layer holds fewer tokens) that each method keeps")
-    mode = st.radio("Setting", list(MODES), format_func=MODES.get, key="mode")
-    window = st.number_input("Observation window w (tokens)", min_value=1, max_value=512, value=32,
+    mode = ui.shared(st.radio, "Setting", list(MODES), format_func=MODES.get, key="mode")
+    window = ui.shared(st.number_input, "Observation window w (tokens)", min_value=1, max_value=4096, key="window",
                              help="The last w queries score the tokens; the last w tokens are always kept")
     max_new_tokens = st.number_input("Max new tokens", min_value=1, max_value=256, value=24)
 

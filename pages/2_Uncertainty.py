@@ -19,9 +19,10 @@ with st.sidebar:
     st.header("Settings")
     backend = ui.backend_picker()
     model_name = ui.model_picker(backend)
-    window = st.number_input("Observation window w (tokens)", min_value=1, max_value=4096, value=32,
+    window = ui.shared(st.number_input, "Observation window w (tokens)", min_value=1, max_value=4096, key="window",
                              help="The last w queries are observed (clipped to the prompt length)")
-    tau = st.slider("τ for LMBA", 0.50, 0.99, 0.90, 0.01, help="Attention mass the minimum budget must cover")
+    tau = ui.shared(st.slider, "τ for LMBA", min_value=0.50, max_value=0.99, step=0.01, key="tau",
+                    help="Attention mass the minimum budget must cover")
     normalise = st.toggle("Normalise entropy by log #keys", value=False,
                           help="0 = all attention on one key, 1 = spread evenly over every visible key")
     deep = st.checkbox("Compute LMBO (deep, slower)", value=False,
@@ -88,10 +89,10 @@ st.caption("ZigZag (LMBA, ρ = 0.2) and uniform budgets, both with SnapKV select
            "share of the key's tokens each one's KV heads kept, and the tokens each gave the layer. Where ZigZag keeps "
            "less of the key than uniform, its budget there is usually smaller.")
 first, second, third = st.columns(3)
-explain_fraction = first.slider("Kept fraction", 0.05, 0.7, 0.2, 0.05, key="explain_fraction")
+explain_fraction = ui.shared(first.slider, "Kept fraction", min_value=0.05, max_value=1.0, step=0.01, key="kept_fraction")
 explain_count = second.number_input("Prompts", min_value=2, max_value=12, value=6, key="explain_count",
                                     help="About 512 tokens each; a few seconds per prompt on SmolLM2 (CPU)")
-explain_mode = third.radio("Setting", ["aware", "context"], horizontal=True, key="explain_mode",
+explain_mode = ui.shared(third.radio, "Setting", ["aware", "context"], horizontal=True, key="mode",
                            help="aware: compress after the question; context: compress, then ask")
 if st.button("Explain", key="explain"):
     explained = ui.explain_allocation(backend, model_name, explain_fraction, int(explain_count), explain_mode,

@@ -22,7 +22,7 @@ with st.sidebar:
     st.header("Analysis")
     backend = ui.backend_picker()
     model_name = ui.model_picker(backend)
-    window = st.number_input("Observation window w (tokens)", min_value=1, max_value=4096, value=32,
+    window = ui.shared(st.number_input, "Observation window w (tokens)", min_value=1, max_value=4096, key="window",
                              help="The last w queries score the tokens and the last w tokens are always kept; "
                                   "fixed by the analysis")
     deep = st.checkbox("Compute LMBO (deep, slower)", value=False,
@@ -84,7 +84,7 @@ def budget_panel() -> None:
     calibrated_panel(result.model)
     col_a, col_b, col_c = st.columns(3)
     with col_a:
-        fraction = st.slider("Kept fraction", 0.05, 1.0, 0.2, 0.01, key="budget_fraction",
+        fraction = ui.shared(st.slider, "Kept fraction", min_value=0.05, max_value=1.0, step=0.01, key="kept_fraction",
                              help="Share of what full KV holds (every layer's own length) that the rules keep in all")
         if analysis.sliding_layers.any():
             st.caption(f"= {budgets.prompt_share(fraction, n, caps):.2f} of the prompt's tokens per layer on average: "
@@ -96,7 +96,8 @@ def budget_panel() -> None:
         rho = st.slider("ρ (ZigZag floor share)", 0.0, 1.0, 0.2, 0.01,
                         help="Share of the average budget every layer gets before the uncertainty split",
                         key="budget_rho")
-        tau = st.slider("τ for LMBA", 0.50, 0.99, 0.90, 0.01, disabled=signal_name != "lmba", key="budget_tau")
+        tau = ui.shared(st.slider, "τ for LMBA", min_value=0.50, max_value=0.99, step=0.01,
+                        disabled=signal_name != "lmba", key="tau")
     with col_c:
         beta = st.slider("β (PyramidKV)", 1.0, 100.0, 20.0, 1.0, help="Last layer keeps B_avg/β", key="budget_beta")
         sizes = list(ELEMENT_SIZES)

@@ -261,7 +261,7 @@ def test_compare_page_widgets_context_mode_figures_and_exports(monkeypatch):
     assert at.session_state["comparison"].comparison.mode == "context"
     assert list(table.columns) == list(charts.METRIC_COLUMNS)  # readable headers with units, each with hover help
     verdict = next(m.value for m in at.markdown if "kept fraction" not in m.value and m.value.startswith("**"))
-    assert "30% kept" in verdict or "30 %" in verdict
+    assert "20% kept" in verdict
     # KL/top-1 curves, kept-token map, tokens per layer, KV bytes, layer signals, budget curves
     assert len(at.get("plotly_chart")) == 6
     assert at.multiselect(key="kept_methods").value == ["zigzag", "adakv", "streaming"]
@@ -306,3 +306,25 @@ def test_compare_page_explains_missing_question_and_empty_prompt():
     _no_traceback(at)
     assert not at.error, _messages(at)
     assert at.session_state["comparison"].comparison.mode == "context"
+
+
+def test_model_kept_fraction_window_mode_and_tau_are_shared_by_every_page_and_survive_navigation():
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.run()
+    at.switch_page("pages/1_Compare.py").run()
+    at.selectbox(key="model").set_value("tiny").run()
+    next(s for s in at.slider if s.label == "Kept fraction of the prompt").set_value(0.45).run()
+    next(n for n in at.number_input if n.label.startswith("Observation window")).set_value(48).run()
+    at.radio(key="mode").set_value("context").run()
+    at.switch_page("pages/3_Budgets.py").run()
+    assert at.selectbox(key="model").value == "tiny"
+    assert next(n for n in at.number_input if n.label.startswith("Observation window")).value == 48
+    at.switch_page("pages/2_Uncertainty.py").run()
+    assert next(n for n in at.number_input if n.label.startswith("Observation window")).value == 48
+    _slider(at, "τ for LMBA").set_value(0.75).run()
+    at.switch_page("pages/1_Compare.py").run()
+    assert at.selectbox(key="model").value == "tiny" and at.radio(key="mode").value == "context"
+    assert next(s for s in at.slider if s.label == "Kept fraction of the prompt").value == pytest.approx(0.45)
+    at.switch_page("pages/2_Uncertainty.py").run()
+    assert _slider(at, "τ for LMBA").value == pytest.approx(0.75)
+    assert not at.exception and not at.warning

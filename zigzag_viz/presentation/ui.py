@@ -59,11 +59,23 @@ def _remember(key: str) -> None:
     st.session_state[f"_{key}"] = st.session_state[key]
 
 
-def _remembered(key: str, default: str) -> None:
-    """Give the widget `key` its last value from any page (widget state alone is dropped on a page switch)."""
+def _remembered(key: str, default) -> None:
+    """Give the widget `key` its last value from any page, before it is drawn: a widget on another page is
+    another widget, which would start from its own default. The widget's `on_change=_remember` keeps the value
+    (callbacks run before the page does)."""
     st.session_state.setdefault(f"_{key}", default)
-    if key not in st.session_state:
-        st.session_state[key] = st.session_state[f"_{key}"]
+    st.session_state[key] = st.session_state[f"_{key}"]
+
+
+SHARED_DEFAULTS = {"model": "smollm2", "kept_fraction": 0.2, "window": 32, "mode": "aware", "tau": 0.9}
+
+
+def shared(widget: Callable[..., T], *args, key: str, **kwargs) -> T:
+    """`widget(*args, key=key, **kwargs)` (a Streamlit widget function, given no `value`) whose value every page
+    shares (model, kept fraction, window, mode, τ): the same default everywhere (SHARED_DEFAULTS) and the last
+    value set on any page."""
+    _remembered(key, SHARED_DEFAULTS[key])
+    return widget(*args, key=key, on_change=_remember, args=(key,), **kwargs)
 
 
 def backend_picker() -> Backend | None:
@@ -119,7 +131,8 @@ def model_picker(backend: Backend | None, key: str = "model") -> str:
             return ""
         return st.selectbox("Model", names, key=f"{key}_served", help="The models this server has loaded")
     choices = list(EMBEDDED_MODELS) + [CUSTOM_MODEL]
-    choice = st.selectbox("Model", choices, key=key, help="smollm2 is the embedded SmolLM2-135M-Instruct; tiny is a 4-layer random Llama")
+    choice = shared(st.selectbox, "Model", choices, key=key,
+                    help="smollm2 is the embedded SmolLM2-135M-Instruct; tiny is a 4-layer random Llama")
     if choice == CUSTOM_MODEL:
         return st.text_input("Model folder or cached Hugging Face id", key=f"{key}_path").strip()
     return choice
