@@ -47,4 +47,6 @@ st.page_link("pages/3_Budgets.py", label="**Budgets**: move ρ, τ, β and the k
 st.page_link("pages/4_Runs.py", label="**Runs**: stored sweeps of generated tasks (made with zigzag-viz sweep): score against "
              "kept fraction per method, where the needle is lost by depth and length, the smallest lossless fraction",
              icon="🗂️")
+st.page_link("pages/5_Benchmarks.py", label="**Benchmarks**: what the committed benchmarks measured (capture overhead, "
+             "load time, app latency, server load, quality studies), each with the machine it ran on", icon="⏱️")
 st.markdown(STEPS)

@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+        "date": time.strftime("%Y-%m-%d"),
     }
     print(json.dumps(report, indent=2))
     print(f"slider median {median_ms:.1f} ms vs no-op rerun median {noop_median:.1f} ms: "

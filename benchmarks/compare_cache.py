@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_to_cold": {k: round(v / timings["cold"], 4) for k, v in timings.items()},
         "streamlit": streamlit.__version__, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
     }
     out = args.out or RESULTS / f"compare_cache_{args.model}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

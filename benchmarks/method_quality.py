@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -146,6 +147,7 @@ def main(argv=None) -> int:
         "max_new_tokens": args.max_new_tokens, "window": args.window, "mode": args.mode,
         "full_accuracy": full_accuracy, "methods": rows, "skipped": sorted(skipped),
         "seconds": round(time.perf_counter() - started, 1), "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
     }
     suffix = "" if args.mode == "aware" else f"_{args.mode}"
     out = args.out or RESULTS / f"method_quality_{loaded.name}{suffix}.json"

@@ -12,6 +12,7 @@ from zigzag_viz.pipeline.capture import bins_of
 from zigzag_viz.evaluation.prompts import EXAMPLES
 from zigzag_viz.evaluation.store import check_run_name
 from zigzag_viz.evaluation.sweep import save_comparison
+from zigzag_viz.presentation.report import comparison_html
 from zigzag_viz.presentation.views import ComparisonResult, changed_settings
 from zigzag_viz.serving.api import CompareOptions
 
@@ -117,8 +118,11 @@ for start in range(0, len(result.results), per_row):
 st.subheader("Metrics")
 st.caption("Each measured against full KV on the same prefill; hover a column header for what it means.")
 ui.show_table(charts.metrics_table(result.results), "comparison", charts.METRIC_COLUMNS)
-st.download_button("Whole comparison as JSON (rows, curves, kept-token maps)", json.dumps(result.to_json()),
-                   file_name="comparison.json", mime="application/json", key="json_comparison", on_click="ignore")
+left, right = st.columns(2)
+left.download_button("Whole comparison as JSON (rows, curves, kept-token maps)", lambda: json.dumps(result.to_json()),
+                     file_name="comparison.json", mime="application/json", key="json_comparison", on_click="ignore")
+right.download_button("Whole comparison as one HTML page (opens offline)", lambda: comparison_html(shown),
+                      file_name="comparison.html", mime="text/html", key="html_comparison", on_click="ignore")
 
 with st.expander("Save this comparison into the run store (then open it on the Runs page)"):
     default_name = re.sub(r"[^\w.-]+", "-", f"compare-{Path(result.model).name}-{result.mode}-{result.budget:g}")

@@ -50,3 +50,24 @@ def test_compare_page_reports_bad_input_without_a_traceback(browser, app_url):
     page.get_by_text("below the always-kept window").wait_for(timeout=120_000)
     assert "Traceback" not in page.content()
     page.close()
+
+
+def test_every_page_opens_offline_without_a_request_leaving_this_machine(browser, app_url, screenshot):
+    """Home, Benchmarks, Runs, Uncertainty and Budgets open with no request to another host (no web fonts, icons or
+    scripts from the network); the Benchmarks page draws the committed results."""
+    page = browser.new_page(viewport={"width": 1280, "height": 720})
+    outside = []
+    page.on("request", lambda request: None if request.url.startswith((app_url, "data:", "blob:"))
+            else outside.append(request.url))
+    for path, text in [("", "Why does a language model need"), ("/Benchmarks", "Every result"),
+                       ("/Runs", "Stored runs"), ("/Uncertainty", "Layer uncertainty"), ("/Budgets", "Per-layer budgets")]:
+        page.goto(f"{app_url}{path}")
+        page.get_by_text(text).first.wait_for(timeout=60_000)
+        page.wait_for_load_state("networkidle")
+        assert "Traceback" not in page.content()
+        if path == "/Benchmarks":
+            page.get_by_text("What recording the signals costs").wait_for(timeout=60_000)
+            page.wait_for_timeout(1500)
+            screenshot(page, "benchmarks.png")
+    assert outside == []
+    page.close()

@@ -87,14 +87,17 @@ def test_five_sessions_run_at_once_each_sees_it_is_queued_and_all_finish(browser
         page.get_by_role("combobox", name="Model").click()
         page.get_by_role("option", name="tiny", exact=True).click()
         tokens = page.get_by_role("spinbutton", name="Max new tokens")
-        tokens.fill(str(60 + index))  # a run of its own each: the row cache serves none of them
+        tokens.fill(str(200 + index))  # long enough to queue; a run of its own each: the row cache serves none
         tokens.press("Enter")
         page.get_by_role("button", name="Run").wait_for(timeout=60_000)
     for page in pages:
         page.get_by_role("button", name="Run").click()
-    waiting = pages[-1].get_by_text("run(s) ahead on tiny in this app")
-    waiting.first.wait_for(timeout=120_000)
-    screenshot(pages[-1], "compare_five_sessions_waiting.png")
+    deadline = time.monotonic() + 120
+    while not any(page.get_by_text("run(s) ahead on tiny in this app").count() for page in pages):
+        assert time.monotonic() < deadline, "no page said it was waiting"
+        pages[0].wait_for_timeout(100)
+    waiting = next(page for page in pages if page.get_by_text("run(s) ahead on tiny in this app").count())
+    screenshot(waiting, "compare_five_sessions_waiting.png")
     for page in pages:
         page.get_by_text("Answers side by side").wait_for(timeout=300_000)
         assert "Traceback" not in page.content()

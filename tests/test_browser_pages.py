@@ -131,6 +131,20 @@ def test_compare_page_on_smollm2_with_four_methods(browser, app_url, screenshot)
     assert tab.get_attribute("aria-selected") == "true"  # a download does not rerun the page
     screenshot(page, "compare_smollm2_kept_map.png")
 
+    with page.expect_download() as html_download:
+        page.get_by_role("button", name="Whole comparison as one HTML page").click()
+    saved = Path(html_download.value.path())
+    offline = browser.new_context(viewport={"width": 1280, "height": 720}, offline=True)
+    report = offline.new_page()
+    fetched = []
+    report.on("request", lambda request: fetched.append(request.url))
+    report.goto(saved.as_uri())
+    report.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 4", timeout=60_000)
+    assert report.get_by_text("Answers side by side").count() == 1 and example.answer in report.content()
+    assert [url for url in fetched if not url.startswith(("file:", "data:", "blob:"))] == []
+    screenshot(report, "compare_exported_html.png")
+    offline.close()
+
     page.set_viewport_size({"width": 420, "height": 900})
     wait_for_plots_to_fit(page)
     heads = page.locator(".zz-head")

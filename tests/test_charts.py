@@ -1,5 +1,7 @@
 """Pure chart builders and the KV-bytes arithmetic of the Uncertainty and Budgets pages."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -154,3 +156,20 @@ def test_every_method_and_signal_colour_stays_distinct_from_every_other():
         for second in names[i + 1 :]:
             distance = float(np.linalg.norm(_lab(colours[first]) - _lab(colours[second])))
             assert distance >= 25, f"{first} {colours[first]} and {second} {colours[second]}: ΔE {distance:.1f}"
+
+
+def test_a_comparison_as_one_html_page_holds_everything_and_plotly_once(tiny):
+    from zigzag_viz.evaluation.prompts import passkey_prompt
+    from zigzag_viz.evaluation.runner import compare
+    from zigzag_viz.presentation.report import comparison_html
+    from zigzag_viz.presentation.views import comparison_result
+
+    prompt = passkey_prompt(n_sentences=10, seed=2)
+    shown = comparison_result(tiny, compare(tiny, prompt.text, "full,zigzag,uniform", budget=0.4, max_new_tokens=4,
+                                            window=8, answer=prompt.answer))
+    page = comparison_html(shown)
+    assert page.startswith("<!DOCTYPE html>") and page.count("Plotly.newPlot") == 4  # curves, map, per layer, bytes
+    assert page.count("plotly.js v") == 1  # the library inlined once, nothing fetched
+    assert not re.search(r"<script[^>]*\ssrc=", page) and not re.search(r"<link[^>]*href=", page)
+    for piece in (shown.comparison.verdict(), "zigzag", "uniform", "KL (nats)", "Answers side by side"):
+        assert piece.replace("“", "").replace("”", "")[:20] in page.replace("“", "").replace("”", "")

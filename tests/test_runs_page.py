@@ -111,3 +111,32 @@ def test_a_comparison_from_the_compare_page_is_saved_into_the_store_and_opens_on
     runs = AppTest.from_file(str(ROOT / "pages" / "4_Runs.py"), default_timeout=60)
     runs.run()
     assert not runs.exception and runs.selectbox(key="run_name").options == ["my-comparison"]
+
+
+def test_the_benchmarks_page_draws_the_committed_results_with_their_machines():
+    from zigzag_viz.presentation import benchmark_results
+
+    records, problems = benchmark_results.read_results(benchmark_results.results_folder())
+    assert not problems and {"capture_overhead", "load_time", "server_load"} <= set(records)
+    table = benchmark_results.headline_table(records)
+    assert "— (a record of another shape)" not in set(table["headline"])
+    assert (table["machine"] != "—").sum() >= len(table) - 2
+    at = AppTest.from_file(str(ROOT / "pages" / "5_Benchmarks.py"), default_timeout=60)
+    at.run()
+    assert not at.exception and not at.error
+    assert list(at.dataframe[0].value["result"]) == list(table["result"])
+    assert len(at.get("plotly_chart")) == 2  # capture overhead, the quality study
+
+
+def test_a_damaged_result_file_is_named_and_the_others_still_show(tmp_path):
+    from zigzag_viz.presentation import benchmark_results
+
+    (tmp_path / "load_time.json").write_text('{"benchmark": "load_time", "first_load": {"load_s": 1.0}, '
+                                             '"later_loads": {"load_s": 0.2}, "machine": "m", "date": "d"}')
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "server_load.json").write_text('{"benchmark": "server_load"}')
+    records, problems = benchmark_results.read_results(tmp_path)
+    assert problems == ["broken.json cannot be read (JSONDecodeError)"]
+    table = benchmark_results.headline_table(records).set_index("result")
+    assert table.loc["load_time", "headline"] == "later loads 0.20 s, first load 1.0 s"
+    assert table.loc["server_load", "headline"] == "— (a record of another shape)"

@@ -624,3 +624,25 @@ def metrics_table(results: Sequence) -> pd.DataFrame:
         "decode (ms/token)": r.ms_per_token,
     } for r in sorted(results, key=lambda r: (r.method != "full", r.kl_mean))]
     return pd.DataFrame(rows, columns=list(METRIC_COLUMNS)).astype({"first divergence": "Int64"})
+
+
+def capture_overhead_figure(rows: pd.DataFrame, title: str) -> go.Figure:
+    """Plain and analysis prefill seconds against prompt length (bars), and their ratio (line, right axis);
+    `rows` has columns tokens, prefill_s, analysis_s, ratio."""
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    labels = [str(t) for t in rows["tokens"]]
+    fig.add_trace(go.Bar(x=labels, y=rows["prefill_s"], name="plain prefill", marker_color="#9e9e9e",
+                         hovertemplate="%{x} tokens<br>%{y:.2f} s<extra>plain prefill</extra>"))
+    fig.add_trace(go.Bar(x=labels, y=rows["analysis_s"], name="prefill with signal capture",
+                         marker_color=SIGNAL_COLOURS["entropy"],
+                         hovertemplate="%{x} tokens<br>%{y:.2f} s<extra>with capture</extra>"))
+    fig.add_trace(go.Scatter(x=labels, y=rows["ratio"], name="ratio", mode="lines+markers",
+                             line=dict(color="#222", width=2),
+                             hovertemplate="%{x} tokens<br>× %{y:.3f}<extra>capture ÷ plain</extra>"), secondary_y=True)
+    fig.update_xaxes(title_text="prompt tokens", type="category")
+    fig.update_yaxes(title_text="seconds", rangemode="tozero", secondary_y=False)
+    ratio_top = max(1.2, float(rows["ratio"].max()) * 1.05)
+    fig.update_yaxes(title_text="capture ÷ plain", range=[0, ratio_top], tickformat=".2f", secondary_y=True)
+    _layout(fig, title)
+    fig.update_layout(barmode="group")
+    return fig
