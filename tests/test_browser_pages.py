@@ -92,7 +92,7 @@ def test_budgets_page_on_smollm2(browser, app_url, screenshot):
     page.close()
 
 
-def test_compare_page_on_smollm2_with_four_methods(browser, app_url, screenshot):
+def test_compare_page_on_smollm2_with_four_methods(browser, app_url, screenshot, tmp_path):
     """Full KV against four methods on SmolLM2 in context mode: answers, metrics, curves, the kept-token map with
     the pass key marked, and the JSON export; then the same result on a phone-sized screen (rows, not columns)."""
     page = browser.new_page(viewport={"width": 1500, "height": 1000}, accept_downloads=True)
@@ -133,7 +133,9 @@ def test_compare_page_on_smollm2_with_four_methods(browser, app_url, screenshot)
 
     with page.expect_download() as html_download:
         page.get_by_role("button", name="Whole comparison as one HTML page").click()
-    saved = Path(html_download.value.path())
+    assert html_download.value.suggested_filename == "comparison.html"
+    saved = tmp_path / "comparison.html"
+    html_download.value.save_as(saved)
     offline = browser.new_context(viewport={"width": 1280, "height": 720}, offline=True)
     report = offline.new_page()
     fetched = []
