@@ -6,7 +6,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from zigzag_viz.presentation import charts, ui
+from zigzag_viz.presentation import charts, links, ui
 from zigzag_viz.pipeline.budgets import budget_curves, prompt_share
 from zigzag_viz.pipeline.capture import bins_of
 from zigzag_viz.evaluation.prompts import EXAMPLES
@@ -26,6 +26,27 @@ st.set_page_config(page_title="Compare · zigzag_viz", page_icon="⚖️", layou
 ui.page_style()
 st.title("Full KV vs compressed KV")
 
+linked = ui.restore_from_link("compare")
+if "methods" in linked:  # plain method names to the picker, variants and compositions to the extra specs
+    names, extra = links.split_methods(linked["methods"])
+    if names or extra:
+        st.session_state["methods"], st.session_state["methods_extra"] = names, extra
+if "max_new_tokens" in linked and 1 <= linked["max_new_tokens"] <= 256:
+    st.session_state["max_new_tokens"] = linked["max_new_tokens"]
+if isinstance(linked.get("prompt"), dict):
+    st.session_state["prompt_source"] = OWN_PROMPT
+    for field in ("prompt", "question", "answer"):
+        st.session_state[f"{field}_{OWN_PROMPT}"] = linked["prompt"][field]
+elif linked.get("prompt") in EXAMPLES:
+    st.session_state["prompt_source"] = linked["prompt"]
+st.session_state.setdefault("run_from_link", bool(linked.get("run")))
+
+
+def initial(key: str, default):
+    """A widget's starting value, unless the session (a link) already gave it one."""
+    return None if key in st.session_state else default
+
+
 with st.sidebar:
     st.header("Settings")
     backend = ui.backend_picker()
@@ -36,20 +57,22 @@ with st.sidebar:
     mode = ui.shared(st.radio, "Setting", list(MODES), format_func=MODES.get, key="mode")
     window = ui.shared(st.number_input, "Observation window w (tokens)", min_value=1, max_value=4096, key="window",
                              help="The last w queries score the tokens; the last w tokens are always kept")
-    max_new_tokens = st.number_input("Max new tokens", min_value=1, max_value=256, value=24)
+    max_new_tokens = st.number_input("Max new tokens", min_value=1, max_value=256, value=initial("max_new_tokens", 24),
+                                     key="max_new_tokens")
 
 methods = ui.method_picker(["full", "zigzag", "pyramid", "uniform", "adakv"])
 source = st.selectbox("Prompt", list(EXAMPLES) + [OWN_PROMPT], key="prompt_source",
                       help="Bundled prompts with a known answer, or your own text")
 example = EXAMPLES[source]() if source in EXAMPLES else None
-prompt = st.text_area("Prompt text", value=example.text if example else "", height=180, key=f"prompt_{source}",
+prompt = st.text_area("Prompt text", value=initial(f"prompt_{source}", example.text if example else ""), height=180,
+                      key=f"prompt_{source}",
                       help="In context mode the question is the last paragraph (after the last blank line), "
                            "unless you type one below")
 left, right = st.columns(2)
 question = left.text_input("Question (optional)", key=f"question_{source}",
                            help="Appended after a blank line; in context mode the prompt's last paragraph otherwise")
-answer = right.text_input("Known answer (optional, for the task score)", value=example.answer if example else "",
-                          key=f"answer_{source}")
+answer = right.text_input("Known answer (optional, for the task score)",
+                          value=initial(f"answer_{source}", example.answer if example else ""), key=f"answer_{source}")
 
 specs = tuple(dict.fromkeys(m.spec for m in methods or []))
 options = CompareOptions(model=model_name or "", prompt=prompt, methods=",".join(specs), budget=float(budget),
@@ -57,7 +80,7 @@ options = CompareOptions(model=model_name or "", prompt=prompt, methods=",".join
                          mode=mode, question=question.strip() or None)
 if ui.was_cancelled():
     st.info("Run cancelled; the results below are from the last finished run.")
-if st.button("Run", type="primary"):
+if st.button("Run", type="primary") or st.session_state.pop("run_from_link", False):
     if methods is None:
         st.warning("Fix the method spec above first: nothing ran.")
     elif backend is None:
@@ -79,6 +102,8 @@ if st.button("Run", type="primary"):
             else:
                 status.update(label="Stopped: see the message below", state="error", expanded=True)
 
+ui.share_in_link(links.compare_params(options, source, source in EXAMPLES, "comparison" in st.session_state)
+                  if specs and prompt.strip() else None)
 if "comparison" not in st.session_state:
     st.info("Press **Run** to prefill the prompt, compress the cache with each method and decode beside full KV.")
     st.stop()

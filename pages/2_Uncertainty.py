@@ -15,6 +15,7 @@ st.caption(
     "window's attention), how much each layer changes the hidden state, and which prompt text each layer looks at."
 )
 
+ui.restore_from_link("uncertainty")
 with st.sidebar:
     st.header("Settings")
     backend = ui.backend_picker()
@@ -36,6 +37,7 @@ with st.sidebar:
 prompt = st.text_area("Prompt", value=example_prompt().text, height=180,
                       help="A pass key hidden in varied prose, by default")
 
+ui.share_in_link()
 if st.button("Analyze", type="primary"):
     result = ui.analyse(backend, model_name, prompt, int(window), deep)
     if result is not None:

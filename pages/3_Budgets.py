@@ -18,6 +18,7 @@ st.caption(
 
 ELEMENT_SIZES = {"float32 (4 B)": 4, "bfloat16 / float16 (2 B)": 2, "8-bit (1 B)": 1}
 
+ui.restore_from_link("budgets")
 with st.sidebar:
     st.header("Analysis")
     backend = ui.backend_picker()
@@ -30,6 +31,7 @@ with st.sidebar:
 
 prompt = st.text_area("Prompt", value=example_prompt().text, height=150,
                       help="A pass key hidden in varied prose, by default")
+ui.share_in_link()
 if st.button("Analyze", type="primary"):
     result = ui.analyse(backend, model_name, prompt, int(window), deep)
     if result is not None:

@@ -71,3 +71,31 @@ def test_every_page_opens_offline_without_a_request_leaving_this_machine(browser
             screenshot(page, "benchmarks.png")
     assert outside == []
     page.close()
+
+
+def test_a_link_opened_in_a_fresh_browser_reproduces_the_comparison(browser, app_url, screenshot):
+    page = browser.new_page(viewport={"width": 1280, "height": 720})
+    page.goto(f"{app_url}/Compare")
+    page.get_by_role("button", name="Run").wait_for(timeout=60_000)
+    _choose(page, "Model", "tiny")
+    tokens = page.get_by_role("spinbutton", name="Max new tokens")
+    tokens.fill("6")
+    tokens.press("Enter")
+    page.get_by_role("button", name="Run").click()
+    page.get_by_text("Answers side by side").wait_for(timeout=180_000)
+    page.wait_for_function("window.location.search.includes('run=1')", timeout=30_000)
+    page.wait_for_function("document.querySelectorAll('.zz-out').length >= 5", timeout=60_000)
+    link = page.url
+    answers = page.locator(".zz-out").all_text_contents()
+    fresh = browser.new_context(viewport={"width": 1280, "height": 720})
+    other = fresh.new_page()
+    other.goto(link)
+    other.get_by_text("Answers side by side").wait_for(timeout=180_000)  # no Run pressed: the link runs it
+    other.wait_for_function(f"document.querySelectorAll('.zz-out').length >= {len(answers)}", timeout=60_000)
+    assert other.locator(".zz-out").all_text_contents() == answers
+    assert "tiny on cpu" in other.content() and "Traceback" not in other.content()
+    other.get_by_role("button", name="comparison as CSV").wait_for(timeout=60_000)
+    other.get_by_text("Where each answer leaves full KV").first.wait_for(timeout=60_000)
+    screenshot(other, "compare_from_link.png")
+    fresh.close()
+    page.close()

@@ -19,6 +19,7 @@ from ..evaluation.store import RunStore
 from ..methods import METHODS, CompressionMethod, Parameter, parse_specs
 from ..pipeline.models import EMBEDDED_MODELS, LoadedModel, load_model
 from ..serving.api import TOKEN_ENV, CompareOptions
+from . import links
 from .backends import Backend, InProcess, Remote, remote
 from .views import AnalysisResult, ComparisonResult
 
@@ -154,7 +155,7 @@ def method_picker(default: list[str], key: str = "methods") -> list[CompressionM
     """Pick methods by name, then tune each one's parameters; returns method instances, or None (with the
     message shown) while a typed spec cannot be read, so that a run never goes on without it."""
     names = st.multiselect(
-        "Methods", list(METHODS), default=default, key=key,
+        "Methods", list(METHODS), default=None if key in st.session_state else default, key=key,
         help="\n".join(f"- **{n}**: {cls.summary}" for n, cls in METHODS.items()),
     )
     methods = []
@@ -387,3 +388,30 @@ def explain_allocation(backend: Backend | None, model_name: str, fraction: float
     finally:
         bar.empty()
     return retention.mean_retention(tables)
+
+
+# Links that reproduce a view.
+
+SHARED_DOMAINS = {"model": lambda v: v in EMBEDDED_MODELS, "kept_fraction": lambda v: 0.05 <= v <= 1.0,
+                  "window": lambda v: 1 <= v <= 4096, "mode": lambda v: v in ("aware", "context"),
+                  "tau": lambda v: 0.5 <= v <= 0.99}
+
+
+def restore_from_link(page: str) -> dict:
+    """On a session's first run of `page`, the settings in the URL (`links.read_params`): the shared ones that fit
+    their widgets become the widgets' values; the rest is returned for the page ({} on later runs)."""
+    flag = f"_link_read_{page}"
+    if st.session_state.get(flag):
+        return {}
+    st.session_state[flag] = True
+    values = links.read_params(st.query_params.to_dict())
+    for key, fits in SHARED_DOMAINS.items():
+        if key in values and fits(values[key]):
+            st.session_state[f"_{key}"] = values[key]
+    return values
+
+
+def share_in_link(params: dict[str, str] | None = None) -> None:
+    """Write the shared settings (and a page's own `params`) into the URL, so that the address reproduces the view."""
+    shared_values = {key: st.session_state.get(f"_{key}") for key in SHARED_DEFAULTS}
+    st.query_params.from_dict({**links.shared_params(shared_values), **(params or {})})
