@@ -43,7 +43,7 @@ test-fast: install
 # Benchmarks write their results to benchmarks/results/ (minutes on a CPU).
 bench: install
 	$(PY) benchmarks/capture_overhead.py --model smollm2 --tokens 1024 2048 4096 8192 --json
-	$(PY) benchmarks/app_latency.py --model smollm2
+	$(PY) benchmarks/app_latency.py --model smollm2 --samples 10
 	$(PY) benchmarks/compare_cache.py --model smollm2
 	$(PY) benchmarks/method_quality.py --model smollm2
 	$(PY) benchmarks/load_time.py

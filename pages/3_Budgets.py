@@ -83,7 +83,6 @@ def budget_panel() -> None:
         f"(fixed by the analysis) · smallest feasible kept fraction ≈ {smallest:.3f}"
     )
     signals = ["lmba", "entropy", "hidden"] + (["lmbo"] if analysis.lmbo_cos is not None else [])
-    calibrated_panel(result.model)
     col_a, col_b, col_c = st.columns(3)
     with col_a:
         fraction = ui.shared(st.slider, "Kept fraction", min_value=0.05, max_value=1.0, step=0.01, key="kept_fraction",
@@ -133,4 +132,5 @@ def budget_panel() -> None:
     ui.show_table(charts.layer_budgets_table(curves, signal, signal_name, caps), "budgets per layer")
 
 
+calibrated_panel(st.session_state["budgets_analysis"].model)  # outside the fragment: sliders never re-read it
 budget_panel()

@@ -99,3 +99,20 @@ def test_a_link_opened_in_a_fresh_browser_reproduces_the_comparison(browser, app
     screenshot(other, "compare_from_link.png")
     fresh.close()
     page.close()
+
+
+def test_the_app_latency_benchmark_measures_in_the_browser(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "latency.json"
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "app_latency.py"), "--model", "tiny",
+                           "--samples", "2", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    for key in ("cold_start_s", "page_switch_s", "slider_ms", "first_row_s", "run_s", "full_rerun_ms"):
+        assert record[key] > 0, key
+    assert record["first_row_s"] <= record["run_s"] and set(record["meets"]) == set(record["goals"])
