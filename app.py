@@ -2,6 +2,10 @@
 
 import streamlit as st
 
+from zigzag_viz.evaluation.prompts import example_prompt
+from zigzag_viz.pipeline import budgets
+from zigzag_viz.presentation import benchmark_results, bundled, charts
+
 INTRO = """
 **Why does a language model need a different KV-cache budget in every layer, and what does compression do to
 its answers?**
@@ -34,19 +38,31 @@ The same library drives the command line: `.venv/bin/zigzag-viz compare --help`.
 st.set_page_config(page_title="zigzag_viz", page_icon="🧭", layout="wide")
 st.title("zigzag_viz")
 st.markdown(INTRO)
+
+found = bundled.bundled_analysis("smollm2", example_prompt().text, bundled.SETTINGS["window"])
+if found is not None:
+    made, result = found
+    analysis = result.analysis
+    lmba = analysis.layer_signal("lmba")
+    curves = budgets.budget_curves(lmba, bundled.SETTINGS["budget"], analysis.n_tokens, analysis.window,
+                                   caps=analysis.layer_caps)
+    st.plotly_chart(charts.layer_budgets_figure(curves, lmba, "lmba", analysis.layer_caps, analysis.window).update_layout(
+        title=f"SmolLM2, bundled pass-key prompt ({analysis.n_tokens} tokens): LMBA per layer and the budgets at "
+              f"{bundled.SETTINGS['budget']:.0%} kept"),
+        width="stretch", config={"displaylogo": False})
+    measured = benchmark_results.zigzag_against_uniform(benchmark_results.results_folder(), "smollm2")
+    st.caption("Uncertain layers get more of the budget under ZigZag; PyramidKV gives early layers more; uniform gives "
+               "every layer the same. Whether that keeps the answer is an empirical question. "
+               + (measured or "") + " The Uncertainty page's **Explain** shows, layer by layer, where the answer is "
+               "kept or lost.")
 st.subheader("Start here")
-st.page_link("pages/1_Compare.py", label="**Compare**: one prompt, full KV against compressed caches: answers side by "
-             "side, and which tokens each layer kept",
-             icon="⚖️")
-st.page_link("pages/2_Uncertainty.py", label="**Uncertainty**: entropy, LMBA, hidden change and LMBO per layer, "
-             "where each layer looks, and how models differ",
-             icon="📈")
-st.page_link("pages/3_Budgets.py", label="**Budgets**: move ρ, τ, β and the kept fraction; ZigZag, PyramidKV and "
-             "uniform budgets and their KV bytes redraw without the model",
-             icon="🎚️")
-st.page_link("pages/4_Runs.py", label="**Runs**: stored sweeps of generated tasks (made with zigzag-viz sweep): score against "
-             "kept fraction per method, where the needle is lost by depth and length, the smallest lossless fraction",
-             icon="🗂️")
-st.page_link("pages/5_Benchmarks.py", label="**Benchmarks**: what the committed benchmarks measured (capture overhead, "
-             "load time, app latency, server load, quality studies), each with the machine it ran on", icon="⏱️")
+PAGES = [
+    ("pages/1_Compare.py", "**Compare**: full KV against compressed caches, answers side by side, what each layer kept"),
+    ("pages/2_Uncertainty.py", "**Uncertainty**: entropy, LMBA and hidden change per layer, and why ZigZag helps or hurts"),
+    ("pages/3_Budgets.py", "**Budgets**: move ρ, τ, β and the kept fraction; the budgets redraw without the model"),
+    ("pages/4_Runs.py", "**Runs**: stored sweeps: score against kept fraction, where the needle is lost"),
+    ("pages/5_Benchmarks.py", "**Benchmarks**: what the committed benchmarks measured, and on what machine"),
+]
+for path, label in PAGES:  # text only: no icon font or emoji font is needed offline
+    st.page_link(path, label=label)
 st.markdown(STEPS)

@@ -112,7 +112,8 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default="full,uniform,pyramid,zigzag,adakv,streaming")
     parser.add_argument("--modes", default="aware,context")
     parser.add_argument("--at", type=float, default=0.2, help="kept fraction of the headline score")
-    parser.add_argument("--run", type=Path, default=None, help="the run folder (default runs/quality_<model>)")
+    parser.add_argument("--label", default="", help="a second study of the same model: quality_<model>_<label>.*")
+    parser.add_argument("--run", type=Path, default=None, help="the run folder (default runs/quality_<model>[_<label>])")
     parser.add_argument("--report-only", action="store_true",
                         help="write the results from the rows stored so far (a stopped run), without sweeping")
     args = parser.parse_args(argv)
@@ -123,7 +124,8 @@ def main(argv=None) -> int:
     ).check()
     if not any(abs(b - args.at) < 1e-9 for b in settings.budgets):
         parser.error(f"--at {args.at:g} must be one of the kept fractions ({args.budgets})")
-    store = RunStore.open(args.run or ROOT / "runs" / f"quality_{args.model}", settings.to_json())
+    name = f"quality_{args.model}" + (f"_{args.label}" if args.label else "")
+    store = RunStore.open(args.run or ROOT / "runs" / name, settings.to_json())
     if args.report_only:
         manifest = store.manifest()
         seconds = (datetime.fromisoformat(manifest["updated"]) - datetime.fromisoformat(manifest["created"])).total_seconds()
@@ -134,9 +136,9 @@ def main(argv=None) -> int:
         seconds = time.monotonic() - started
     rows = store.frame()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    rows.to_parquet(RESULTS / f"quality_{args.model}.parquet", index=False)
+    rows.to_parquet(RESULTS / f"{name}.parquet", index=False)
     text = markdown(rows, settings, store.manifest(), seconds, args.at)
-    (RESULTS / f"quality_{args.model}.md").write_text(text)
+    (RESULTS / f"{name}.md").write_text(text)
     print(text)
     return 0
 

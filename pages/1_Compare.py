@@ -6,7 +6,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from zigzag_viz.presentation import charts, links, ui
+from zigzag_viz.presentation import bundled, charts, links, ui
 from zigzag_viz.pipeline.budgets import budget_curves, prompt_share
 from zigzag_viz.pipeline.capture import bins_of
 from zigzag_viz.evaluation.prompts import EXAMPLES
@@ -97,16 +97,29 @@ if st.button("Run", type="primary") or st.session_state.pop("run_from_link", Fal
             if result:
                 st.session_state["comparison"] = result
                 st.session_state["comparison_options"] = options
+                st.session_state.pop("comparison_bundled", None)
+                st.session_state.pop("kept_methods", None)  # the map's picker starts from the new rows
                 status.update(label=f"Done: {result.comparison.n_tokens} prompt tokens, {len(specs)} method(s), "
                                     f"{result.comparison.mode} mode", state="complete", expanded=False)
             else:
                 status.update(label="Stopped: see the message below", state="error", expanded=True)
 
-ui.share_in_link(links.compare_params(options, source, source in EXAMPLES, "comparison" in st.session_state)
-                  if specs and prompt.strip() else None)
+computed = "comparison" in st.session_state and "comparison_bundled" not in st.session_state
+ui.share_in_link(links.compare_params(options, source, source in EXAMPLES, computed) if specs and prompt.strip() else None)
+wanted = (model_name, mode, options.methods)
+if ("comparison" not in st.session_state or "comparison_bundled" in st.session_state) and \
+        st.session_state.get("comparison_bundled_for") != wanted:
+    found = bundled.bundled_comparison(model_name, mode, options.methods) if model_name else None  # follows them
+    if found is not None:
+        (st.session_state["comparison_bundled"], st.session_state["comparison"],
+         st.session_state["comparison_options"]) = found
+        st.session_state["comparison_bundled_for"] = wanted
+        st.session_state.pop("kept_methods", None)
 if "comparison" not in st.session_state:
     st.info("Press **Run** to prefill the prompt, compress the cache with each method and decode beside full KV.")
     st.stop()
+if "comparison_bundled" in st.session_state:
+    ui.bundled_note(st.session_state["comparison_bundled"])
 
 shown: ComparisonResult = st.session_state["comparison"]
 result = shown.comparison
@@ -121,8 +134,7 @@ st.caption(f"{result.model} on {shown.device} · {result.n_tokens} prompt tokens
            f"kept fraction {result.budget:g}{share} · window {result.window}")
 changed = changed_settings(st.session_state.get("comparison_options"), options)
 if changed:
-    st.warning(f"Stale: {', '.join(changed)} changed since these results were made. Press **Run** to update them.",
-               icon="⚠️")
+    st.warning(f"Stale: {', '.join(changed)} changed since these results were made. Press **Run** to update them.")
 st.markdown(f"**{result.verdict()}**")
 
 st.subheader("Answers side by side")

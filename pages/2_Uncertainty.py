@@ -43,7 +43,7 @@ if st.button("Analyze", type="primary"):
     if result is not None:
         st.session_state["uncertainty"] = result
 
-result = st.session_state.get("uncertainty")
+result = ui.analysis_or_bundled("uncertainty", model_name, prompt, int(window))
 if result is None:
     st.info("Press **Analyze** to prefill the prompt once and record every layer's signals.")
     st.stop()

@@ -38,9 +38,11 @@ if st.button("Analyze", type="primary"):
         st.session_state["budgets_analysis"] = result
         st.session_state.pop("budgets_curves", None)
 
-if "budgets_analysis" not in st.session_state:
+shown = ui.analysis_or_bundled("budgets_analysis", model_name, prompt, int(window))
+if shown is None:
     st.info("Press **Analyze** to prefill the prompt once; then move the sliders.")
     st.stop()
+st.session_state["budgets_shown"] = shown  # the analysis the sliders work on (the page's own, or the bundled one)
 
 
 def use_choice(choice: dict) -> None:
@@ -73,7 +75,7 @@ def calibrated_panel(model_name: str) -> None:
 @st.fragment
 def budget_panel() -> None:
     """Sliders and everything drawn from them: reruns alone, from the analysis kept in session_state."""
-    result: AnalysisResult = st.session_state["budgets_analysis"]
+    result: AnalysisResult = st.session_state["budgets_shown"]
     analysis = result.analysis
     n, w, caps = analysis.n_tokens, analysis.window, analysis.layer_caps
     low, high = budgets.bounds(analysis.num_layers, n, w, caps)
@@ -132,5 +134,5 @@ def budget_panel() -> None:
     ui.show_table(charts.layer_budgets_table(curves, signal, signal_name, caps), "budgets per layer")
 
 
-calibrated_panel(st.session_state["budgets_analysis"].model)  # outside the fragment: sliders never re-read it
+calibrated_panel(shown.model)  # outside the fragment: sliders never re-read it
 budget_panel()

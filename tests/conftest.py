@@ -209,6 +209,13 @@ _PLOTS_FIT = """() => [...document.querySelectorAll('[data-testid=stPlotlyChart]
 })"""
 
 
+def finished_run(page, timeout_ms: int = 300_000) -> None:
+    """Until a run's status says Done and the script has stopped (so the elements of the previous run are gone)."""
+    page.get_by_text("Done: ").first.wait_for(timeout=timeout_ms)
+    page.locator("[data-testid=stApp][data-test-script-state=notRunning]").wait_for(state="attached",
+                                                                                   timeout=timeout_ms)
+
+
 def wait_for_plots_to_fit(page, timeout_ms: int = 30_000) -> None:
     """Until every Plotly chart has been redrawn at the width its container has now (after a viewport change)."""
     page.wait_for_function(_PLOTS_FIT, timeout=timeout_ms)

@@ -3,6 +3,7 @@
 The server (`app_url`), the browser and `screenshot` are fixtures in conftest.py, shared with test_browser_pages."""
 
 import pytest
+from conftest import finished_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -27,7 +28,7 @@ def test_compare_page_runs_tiny_side_by_side(browser, app_url, screenshot):
     page.get_by_role("button", name="Run").wait_for(timeout=60_000)
     _choose(page, "Model", "tiny")
     page.get_by_role("button", name="Run").click()
-    page.get_by_text("Answers side by side").wait_for(timeout=180_000)
+    finished_run(page, 180_000)
     page.get_by_text("Where each answer leaves full KV").first.wait_for(timeout=60_000)
     content = page.content()
     assert "Traceback" not in content
@@ -52,25 +53,32 @@ def test_compare_page_reports_bad_input_without_a_traceback(browser, app_url):
     page.close()
 
 
-def test_every_page_opens_offline_without_a_request_leaving_this_machine(browser, app_url, screenshot):
-    """Home, Benchmarks, Runs, Uncertainty and Budgets open with no request to another host (no web fonts, icons or
-    scripts from the network); the Benchmarks page draws the committed results."""
-    page = browser.new_page(viewport={"width": 1280, "height": 720})
-    outside = []
-    page.on("request", lambda request: None if request.url.startswith((app_url, "data:", "blob:"))
-            else outside.append(request.url))
-    for path, text in [("", "Why does a language model need"), ("/Benchmarks", "Every result"),
-                       ("/Runs", "Stored runs"), ("/Uncertainty", "Layer uncertainty"), ("/Budgets", "Per-layer budgets")]:
-        page.goto(f"{app_url}{path}")
-        page.get_by_text(text).first.wait_for(timeout=60_000)
-        page.wait_for_load_state("networkidle")
-        assert "Traceback" not in page.content()
-        if path == "/Benchmarks":
-            page.get_by_text("What recording the signals costs").wait_for(timeout=60_000)
-            page.wait_for_timeout(1500)
-            screenshot(page, "benchmarks.png")
-    assert outside == []
-    page.close()
+def test_every_page_opens_populated_offline_without_loading_a_model(browser, screenshot):
+    """A fresh app: home, Compare, Uncertainty, Budgets, Runs and Benchmarks open with no request to another host
+    (no web fonts, icons or scripts from the network); the model pages show the bundled results, and no model is
+    loaded by opening them."""
+    from conftest import serving_app
+
+    with serving_app() as url:
+        page = browser.new_page(viewport={"width": 1280, "height": 720})
+        outside = []
+        page.on("request", lambda request: None if request.url.startswith((url, "data:", "blob:"))
+                else outside.append(request.url))
+        for path, text in [("", "Why does a language model need"), ("/Compare", "Answers side by side"),
+                           ("/Uncertainty", "Which prompt text each layer attends to"),
+                           ("/Budgets", "Tokens kept per layer"), ("/Runs", "Stored runs"), ("/Benchmarks", "Every result")]:
+            page.goto(f"{url}{path}")
+            page.get_by_text(text).first.wait_for(timeout=60_000)
+            page.wait_for_load_state("networkidle")
+            assert "Traceback" not in page.content()
+            if path in ("/Compare", "/Uncertainty", "/Budgets"):
+                assert page.get_by_text("Bundled result").count() >= 1
+                assert page.get_by_text("The model loads on first use, here.").count() == 1  # nothing loaded
+            if path in ("", "/Compare", "/Benchmarks"):
+                page.wait_for_timeout(1500)
+                screenshot(page, f"cold{path.replace('/', '_') or '_home'}.png")
+        assert outside == []
+        page.close()
 
 
 def test_a_link_opened_in_a_fresh_browser_reproduces_the_comparison(browser, app_url, screenshot):
@@ -82,7 +90,7 @@ def test_a_link_opened_in_a_fresh_browser_reproduces_the_comparison(browser, app
     tokens.fill("6")
     tokens.press("Enter")
     page.get_by_role("button", name="Run").click()
-    page.get_by_text("Answers side by side").wait_for(timeout=180_000)
+    finished_run(page, 180_000)
     page.wait_for_function("window.location.search.includes('run=1')", timeout=30_000)
     page.wait_for_function("document.querySelectorAll('.zz-out').length >= 5", timeout=60_000)
     link = page.url
@@ -90,7 +98,7 @@ def test_a_link_opened_in_a_fresh_browser_reproduces_the_comparison(browser, app
     fresh = browser.new_context(viewport={"width": 1280, "height": 720})
     other = fresh.new_page()
     other.goto(link)
-    other.get_by_text("Answers side by side").wait_for(timeout=180_000)  # no Run pressed: the link runs it
+    finished_run(other, 180_000)  # no Run pressed: the link runs it
     other.wait_for_function(f"document.querySelectorAll('.zz-out').length >= {len(answers)}", timeout=60_000)
     assert other.locator(".zz-out").all_text_contents() == answers
     assert "tiny on cpu" in other.content() and "Traceback" not in other.content()

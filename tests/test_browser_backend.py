@@ -2,11 +2,12 @@
 ZIGZAG_VIZ_TOKEN): the sidebar says where the model runs, the Compare page runs on the server with its
 progress, and Cancel stops the server's job and leaves the page usable; Cancel also stops an in-process run."""
 
+import re
 import time
 
 import httpx
 import pytest
-from conftest import serving_app
+from conftest import finished_run, serving_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -30,7 +31,7 @@ def test_compare_page_runs_on_the_server_and_cancel_stops_its_job(browser, remot
     page.get_by_role("button", name="Run").wait_for(timeout=60_000)
     page.get_by_text("tiny on cpu · float32").wait_for(timeout=30_000)
     page.get_by_role("button", name="Run").click()
-    page.get_by_text("Answers side by side").wait_for(timeout=180_000)
+    finished_run(page, 180_000)
     content = page.content()
     assert "Traceback" not in content and f"in {url}" not in content  # the status box closed when done
     for method in ("zigzag", "pyramid", "uniform"):
@@ -67,11 +68,11 @@ def test_cancel_stops_an_in_process_run_and_the_next_run_works(browser, app_url)
     page.get_by_text("compress and decode").first.wait_for(timeout=120_000)
     page.get_by_role("button", name="Cancel").click()
     page.get_by_text("Run cancelled").wait_for(timeout=60_000)
-    assert page.get_by_text("Answers side by side").count() == 0
+    assert page.get_by_text(re.compile(r"tiny on cpu · \d+ prompt tokens")).count() == 0  # nothing of the cancelled run
     tokens.fill("4")
     tokens.press("Enter")
     page.get_by_role("button", name="Run").click()  # the model's lock was released by the cancelled run
-    page.get_by_text("Answers side by side").wait_for(timeout=120_000)
+    finished_run(page, 120_000)
     assert "Traceback" not in page.content()
     page.close()
 
@@ -99,7 +100,7 @@ def test_five_sessions_run_at_once_each_sees_it_is_queued_and_all_finish(browser
     waiting = next(page for page in pages if page.get_by_text("run(s) ahead on tiny in this app").count())
     screenshot(waiting, "compare_five_sessions_waiting.png")
     for page in pages:
-        page.get_by_text("Answers side by side").wait_for(timeout=300_000)
+        finished_run(page, 300_000)
         assert "Traceback" not in page.content()
     for context in contexts:
         context.close()

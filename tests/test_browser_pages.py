@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import wait_for_plots_to_fit
+from conftest import finished_run, wait_for_plots_to_fit
 from playwright.sync_api import expect
 
 from zigzag_viz.evaluation.prompts import EXAMPLES
@@ -102,7 +102,7 @@ def test_compare_page_on_smollm2_with_four_methods(browser, app_url, screenshot,
     # once the radio shows it, Run sends context mode along with the other widget values
     expect(page.get_by_role("radio", name="context: compress the context")).to_be_checked()
     page.get_by_role("button", name="Run").click()
-    page.get_by_text("Answers side by side").wait_for(timeout=300_000)
+    finished_run(page, 300_000)
     _wait_for_plots(page, 1, 60_000)
     content = page.content()
     assert "Traceback" not in content and "smollm2 on cpu" in content and "context mode" in content
@@ -114,7 +114,7 @@ def test_compare_page_on_smollm2_with_four_methods(browser, app_url, screenshot,
     tab = page.get_by_role("tab", name="Kept-token map")
     tab.click()
     page.get_by_text("still holding the known answer").wait_for(state="visible", timeout=30_000)
-    page.get_by_text("Which prompt tokens each layer kept").wait_for(state="visible", timeout=30_000)
+    page.get_by_text("Which prompt tokens each layer kept").first.wait_for(state="visible", timeout=30_000)
     with page.expect_download() as download:
         page.get_by_role("button", name="Whole comparison as JSON").click()
     assert download.value.suggested_filename == "comparison.json"
@@ -126,7 +126,7 @@ def test_compare_page_on_smollm2_with_four_methods(browser, app_url, screenshot,
     with open(table_download.value.path(), newline="") as table:
         rows = list(csv.DictReader(table))
     assert rows[0]["method"] == "full" and sorted(row["method"] for row in rows) == sorted(METHODS)
-    kl = [float(row["KL (nats)"]) for row in rows[1:]]
+    kl = [float(row["KL nats"]) for row in rows[1:]]
     assert kl == sorted(kl) and all(0 < float(row["KV share"]) <= 1 for row in rows)  # by KL; shares, not percents
     assert tab.get_attribute("aria-selected") == "true"  # a download does not rerun the page
     screenshot(page, "compare_smollm2_kept_map.png")

@@ -171,5 +171,5 @@ def test_a_comparison_as_one_html_page_holds_everything_and_plotly_once(tiny):
     assert page.startswith("<!DOCTYPE html>") and page.count("Plotly.newPlot") == 4  # curves, map, per layer, bytes
     assert page.count("plotly.js v") == 1  # the library inlined once, nothing fetched
     assert not re.search(r"<script[^>]*\ssrc=", page) and not re.search(r"<link[^>]*href=", page)
-    for piece in (shown.comparison.verdict(), "zigzag", "uniform", "KL (nats)", "Answers side by side"):
+    for piece in (shown.comparison.verdict(), "zigzag", "uniform", "KL nats", "Answers side by side"):
         assert piece.replace("“", "").replace("”", "")[:20] in page.replace("“", "").replace("”", "")

@@ -45,7 +45,8 @@ def _load(r: dict) -> str:
 
 
 def _latency(r: dict) -> str:
-    return f"slider → redraw median {r['median_ms']:.0f} ms (goal {r['target_ms']:.0f} ms)"
+    return (f"in the browser: cold start {r['cold_start_s']:.1f} s, page switch {r['page_switch_s']:.2f} s, slider → "
+            f"chart {r['slider_ms']:.0f} ms (goals 5 s, 1 s, 200 ms), Run → first row {r['first_row_s']:.1f} s")
 
 
 def _cache(r: dict) -> str:
@@ -120,3 +121,21 @@ def quality_tables(folder: Path) -> dict[str, str]:
     """The Markdown summaries of the committed quality studies (`quality_<model>.md`), by model."""
     return {path.stem.removeprefix("quality_"): path.read_text(encoding="utf-8")
             for path in sorted(Path(folder).glob("quality_*.md"))}
+
+
+def zigzag_against_uniform(folder: Path, model: str, at: float = 0.2) -> str | None:
+    """One sentence from the committed quality study of `model`: ZigZag's and uniform's mean score at kept
+    fraction `at` in each setting, against full KV's; None without a study."""
+    path = Path(folder) / f"quality_{model}.parquet"
+    if not path.exists():
+        return None
+    rows = pd.read_parquet(path, columns=["method", "mode", "budget", "score"])
+    chosen = rows[(rows["method"].isin(["zigzag", "uniform"]) & ((rows["budget"] - at).abs() < 1e-9))
+                  | (rows["method"] == "full")]
+    means = chosen.groupby(["mode", "method"])["score"].mean()
+    parts = []
+    for mode in sorted(chosen["mode"].unique()):
+        if {"zigzag", "uniform", "full"} <= set(means[mode].index):
+            parts.append(f"{mode} setting: ZigZag {means[mode]['zigzag']:.2f}, uniform {means[mode]['uniform']:.2f}, "
+                         f"full KV {means[mode]['full']:.2f}")
+    return (f"Measured on {model}, mean task score at {at:.0%} kept — " + "; ".join(parts) + ".") if parts else None

@@ -584,21 +584,21 @@ def answer_retention_figure(table: pd.DataFrame, title: str) -> go.Figure:
 # its numbers are shown (a printf format, or "percent" for shares in [0, 1]; None: as they are).
 METRIC_COLUMNS: dict[str, tuple[str, str | None]] = {
     "method": ("The method and its parameters, as a spec string", None),
-    "KV (MiB)": ("Bytes the compressed cache holds, in MiB (2²⁰ bytes)", "%.3f"),
+    "KV MiB": ("Bytes the compressed cache holds, in MiB (2²⁰ bytes)", "%.3f"),
     "KV share": ("Share of full KV's bytes: methods compare fairly only at the same share", "percent"),
     "answer": ("✔ the known answer appears in the text, ✘ it does not, – no known answer", None),
     "same tokens": ("Share of generated tokens equal to full KV's, position by position", "percent"),
-    "first divergence": ("Index of the first generated token that differs from full KV's; empty when none does", None),
+    "diverges at": ("Index of the first generated token that differs from full KV's; empty when none does", None),
     "ROUGE-L": ("Longest-common-subsequence F score against full KV's text, 0–1; a wrong key of the right length "
                 "still scores high", "%.3f"),
-    "KL (nats)": ("Mean KL(full ‖ method) of the next-token distributions, teacher-forced along full KV's answer; "
+    "KL nats": ("Mean KL(full ‖ method) of the next-token distributions, teacher-forced along full KV's answer; "
                   "0 = the same predictions (below 1e-6 shown as 0)", "%.4g"),
     "top-1": ("Share of steps whose most likely next token equals full KV's", "percent"),
-    "prefill (s)": ("The forward pass over the prompt (plus, in context mode, the question through this cache)",
+    "prefill s": ("The forward pass over the prompt (plus, in context mode, the question through this cache)",
                     "%.3f"),
-    "analysis (s)": ("Signal capture and the method's budget rule (0 for full KV)", "%.3f"),
-    "compress (s)": ("Evicting, merging or quantising the cache", "%.3f"),
-    "decode (ms/token)": ("Decoding time per generated token", "%.1f"),
+    "analysis s": ("Signal capture and the method's budget rule (0 for full KV)", "%.3f"),
+    "compress s": ("Evicting, merging or quantising the cache", "%.3f"),
+    "ms/token": ("Decoding time per generated token", "%.1f"),
 }
 
 
@@ -610,20 +610,20 @@ def metrics_table(results: Sequence) -> pd.DataFrame:
 
     rows = [{
         "method": r.method,
-        "KV (MiB)": r.kv_bytes / 2**20,
+        "KV MiB": r.kv_bytes / 2**20,
         "KV share": r.kv_fraction,
         "answer": answer(r.task_score),
         "same tokens": r.token_agreement,
-        "first divergence": r.first_divergence,
+        "diverges at": r.first_divergence,
         "ROUGE-L": r.rouge_l,
-        "KL (nats)": 0.0 if r.kl_mean < NOISE_FLOOR else r.kl_mean,
+        "KL nats": 0.0 if r.kl_mean < NOISE_FLOOR else r.kl_mean,
         "top-1": r.top1_agreement,
-        "prefill (s)": r.prefill_s,
-        "analysis (s)": r.analysis_s,
-        "compress (s)": r.compress_s,
-        "decode (ms/token)": r.ms_per_token,
+        "prefill s": r.prefill_s,
+        "analysis s": r.analysis_s,
+        "compress s": r.compress_s,
+        "ms/token": r.ms_per_token,
     } for r in sorted(results, key=lambda r: (r.method != "full", r.kl_mean))]
-    return pd.DataFrame(rows, columns=list(METRIC_COLUMNS)).astype({"first divergence": "Int64"})
+    return pd.DataFrame(rows, columns=list(METRIC_COLUMNS)).astype({"diverges at": "Int64"})
 
 
 def capture_overhead_figure(rows: pd.DataFrame, title: str) -> go.Figure:

@@ -58,7 +58,7 @@ def comparison_html(shown: ComparisonResult) -> str:
                        f"<div class='note'>KV {row.kv_bytes / 2**20:.2f} MiB ({row.kv_fraction:.0%}) · KL "
                        f"{row.kl_mean:.3f} · {diverged}</div></div>")
     table = charts.metrics_table(result.results)
-    table["first divergence"] = [("" if value is pd.NA else int(value)) for value in table["first divergence"]]
+    table["diverges at"] = [("" if value is pd.NA else int(value)) for value in table["diverges at"]]
     table_html = table.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}", escape=True)
     legend = "".join(f"<li><b>{html.escape(name)}</b>: {html.escape(text)}</li>"
                      for name, (text, _) in charts.METRIC_COLUMNS.items())

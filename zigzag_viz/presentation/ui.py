@@ -19,7 +19,7 @@ from ..evaluation.store import RunStore
 from ..methods import METHODS, CompressionMethod, Parameter, parse_specs
 from ..pipeline.models import EMBEDDED_MODELS, LoadedModel, load_model
 from ..serving.api import TOKEN_ENV, CompareOptions
-from . import links
+from . import bundled, links
 from .backends import Backend, InProcess, Remote, remote
 from .views import AnalysisResult, ComparisonResult
 
@@ -340,10 +340,11 @@ AUTO_ZIGZAG = "zigzag[rho=auto,signal=auto]"
 
 
 def stored_zigzag_choice(backend: Backend | None, model_name: str) -> dict | None:
-    """The (ρ, signal) calibrated for this in-process model when it was computed before (never computes), else None."""
-    if not isinstance(backend, InProcess) or not model_name:
+    """The (ρ, signal) calibrated for this in-process model when it was computed before and the model is loaded
+    (never computes, never loads), else None."""
+    if not isinstance(backend, InProcess) or model_name not in backend.loaded:
         return None
-    return parse_specs(AUTO_ZIGZAG)[0].stored_result(cached_model(model_name))
+    return parse_specs(AUTO_ZIGZAG)[0].stored_result(backend.loaded[model_name])
 
 
 def calibrate_zigzag(backend: Backend | None, model_name: str) -> dict | None:
@@ -415,3 +416,24 @@ def share_in_link(params: dict[str, str] | None = None) -> None:
     """Write the shared settings (and a page's own `params`) into the URL, so that the address reproduces the view."""
     shared_values = {key: st.session_state.get(f"_{key}") for key in SHARED_DEFAULTS}
     st.query_params.from_dict({**links.shared_params(shared_values), **(params or {})})
+
+
+# Bundled results (every page opens populated).
+
+def bundled_note(made: dict) -> None:
+    """Say that what is shown is bundled, how it was made, and how to get one's own."""
+    st.info(f"Bundled result: {made['model']} on {made['device']}, made {made['date']} with the default settings "
+            "(nothing has run here yet). Change anything and press the button to compute your own.")
+
+
+def analysis_or_bundled(key: str, model_name: str, prompt: str, window: int) -> AnalysisResult | None:
+    """The analysis the page holds under `key`, else the bundled one for these settings (noted as such), else None."""
+    result = st.session_state.get(key)
+    if result is not None:
+        return result
+    found = bundled.bundled_analysis(model_name, prompt, int(window))
+    if found is None:
+        return None
+    made, result = found
+    bundled_note(made)
+    return result
