@@ -212,9 +212,14 @@ class CalibratedMethod(CompressionMethod):
         """A result for this method's key made from other stored entries (the manifest's, by key), or None."""
         return None
 
+    @property
+    def calibrates(self) -> bool:
+        """Whether this instance learns anything per model at all (ZigZag does only with a parameter set to auto)."""
+        return True
+
     def needs_calibration(self, context: CompressionContext) -> bool:
         """False when this row does not use the calibration."""
-        return True
+        return self.calibrates
 
     def warm_up(self, context: CompressionContext) -> None:
         """Calibrate before the row is timed, reporting through `context.progress`; later calls find it in memory."""

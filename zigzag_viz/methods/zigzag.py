@@ -56,7 +56,8 @@ class ZigZag(CalibratedMethod, TokenBudgetMethod):
         signals = AUTO_SIGNALS if self.params["signal"] == "auto" else (self.params["signal"],)
         return [(rho, signal) for rho in rhos for signal in signals]
 
-    def needs_calibration(self, context: CompressionContext) -> bool:
+    @property
+    def calibrates(self) -> bool:
         return self.automatic
 
     def calibration_key(self, loaded: LoadedModel) -> str:

@@ -141,8 +141,10 @@ def reconstruction_scores(loaded: LoadedModel, input_ids: torch.Tensor) -> np.nd
     [prompt, REPEAT_INSTRUCTION, prompt], recording the largest attention each prompt token receives from the
     instruction's and the repeated prompt's queries (`capture.ReconstructionObserver`)."""
     n = int(input_ids.shape[1])
-    instruction = loaded.tokenizer(REPEAT_INSTRUCTION, add_special_tokens=False)["input_ids"]
-    repeat = torch.cat([input_ids.cpu(), torch.tensor([instruction]), input_ids.cpu()], dim=1)
+    instruction = ([] if loaded.tokenizer is None  # a bare model (the GPU check's) reads the prompt twice as is
+                   else loaded.tokenizer(REPEAT_INSTRUCTION, add_special_tokens=False)["input_ids"])
+    repeat = torch.cat([input_ids.cpu(), torch.tensor([instruction], dtype=torch.long).reshape(1, -1), input_ids.cpu()],
+                       dim=1)
     if repeat.shape[1] > loaded.max_context:
         raise InputError(f"kvzip reads the prompt twice ({repeat.shape[1]} tokens), more than {loaded.name} accepts "
                          f"({loaded.max_context}): use a shorter prompt or another selection")
