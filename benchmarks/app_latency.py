@@ -49,6 +49,25 @@ COUNT_RUNS = """() => {
 }"""
 
 
+# Records (performance.now(), ms) when a finished row is first listed ("Ready: …", shown while the run goes on and
+# removed at its end, so it is watched rather than polled for).
+WATCH_FIRST_ROW = """() => {
+    window.zzWatchStartMs = performance.now();
+    window.zzFirstRowMs = null;
+    const observer = new MutationObserver(() => {
+        if (window.zzFirstRowMs === null && document.body.innerText.includes('Ready: ')) {
+            window.zzFirstRowMs = performance.now();
+            observer.disconnect();
+        }
+    });
+    observer.observe(document.body, {childList: true, subtree: true, characterData: true});
+}"""
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -74,7 +93,7 @@ def wait_healthy(url: str, deadline_s: float = 120.0) -> None:
     raise SystemExit("the app did not start")
 
 
-def idle(page, timeout_ms: int = 300_000) -> None:
+def idle(page, timeout_ms: int = 120_000) -> None:
     page.locator(IDLE).wait_for(state="attached", timeout=timeout_ms)
 
 
@@ -107,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
             page.goto(url)
             page.get_by_text(PAGES[-1][1]).wait_for(timeout=120_000)
             cold_start = time.perf_counter() - started
+            say(f"home page drawn after {cold_start:.1f} s")
             idle(page)
 
             switches = []
@@ -119,12 +139,14 @@ def main(argv: list[str] | None = None) -> dict:
                 switches.append(time.perf_counter() - begin)
                 idle(page)
 
+            say(f"page switches: median {statistics.median(switches):.2f} s")
             page.goto(f"{url}/Budgets?model={args.model}")
             page.get_by_role("button", name="Analyze").click()
             begin = time.perf_counter()
             kept_share_drawn(page, 0.2, 600_000)
             first_analysis = time.perf_counter() - begin
             idle(page)
+            say(f"analysis drawn after {first_analysis:.1f} s")
             thumb = page.get_by_role("slider", name="Kept fraction")
             slider, fraction = [], 0.2
             for _ in range(args.samples):
@@ -135,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
                 kept_share_drawn(page, fraction)
                 slider.append(1000 * (time.perf_counter() - begin))
                 idle(page)
+            say(f"slider: median {statistics.median(slider):.0f} ms")
             page.evaluate(COUNT_RUNS)
             full = []
             window = page.get_by_role("spinbutton", name="Observation window w (tokens)")
@@ -146,15 +169,17 @@ def main(argv: list[str] | None = None) -> dict:
                 page.wait_for_function(f"window.zzFinishedRuns > {finished}", timeout=60_000)
                 full.append(1000 * (time.perf_counter() - begin))
 
+            say(f"whole-page rerun: median {statistics.median(full):.0f} ms")
             page.goto(f"{url}/Compare?model={args.model}&kept=0.2&window=32")
             page.get_by_role("button", name="Run").wait_for(timeout=60_000)
             idle(page)
+            page.evaluate(WATCH_FIRST_ROW)
             begin = time.perf_counter()
             page.get_by_role("button", name="Run").click()
-            page.get_by_text("Ready: ").first.wait_for(timeout=600_000)
-            first_row = time.perf_counter() - begin
-            page.wait_for_function("document.querySelectorAll('.zz-out').length >= 5", timeout=600_000)
+            page.wait_for_function("document.querySelectorAll('.zz-out').length >= 5 && window.zzFirstRowMs !== null",
+                                   timeout=600_000)
             run = time.perf_counter() - begin
+            first_row = page.evaluate("(window.zzFirstRowMs - window.zzWatchStartMs) / 1000")
             idle(page)
             browser.close()
     finally:
