@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -69,6 +70,24 @@ def start_server(model: str, token_file: Path, port: int, log: Path) -> subproce
     raise SystemExit("the server did not start:\n" + log.read_text())
 
 
+@contextmanager
+def serving(model: str):
+    """`zigzag-viz serve --model M` on a free loopback port with a fresh token in a file of mode 0600: yields
+    (url, token); the server is stopped on leaving."""
+    token = secrets.token_urlsafe(32)
+    with tempfile.TemporaryDirectory() as folder:
+        token_file = Path(folder) / "token"
+        token_file.write_text(token)
+        token_file.chmod(0o600)
+        port = free_port()
+        server = start_server(model, token_file, port, Path(folder) / "server.log")
+        try:
+            yield f"http://127.0.0.1:{port}", token
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+
+
 def in_process(loaded, options: CompareOptions) -> tuple[float, list[dict]]:
     started = time.perf_counter()
     runner = Runner(loaded)
@@ -94,36 +113,26 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     loaded = load_model(args.model)
-    token = secrets.token_urlsafe(32)
-    with tempfile.TemporaryDirectory() as folder:
-        token_file = Path(folder) / "token"
-        token_file.write_text(token)
-        token_file.chmod(0o600)
-        port = free_port()
-        server = start_server(args.model, token_file, port, Path(folder) / "server.log")
-        try:
-            with Backend(f"http://127.0.0.1:{port}", token) as backend:
-                samples = {"in_process": [], "server": [], "server_job": []}
-                tokens, same = [], True
-                for repeat in range(-1, args.repeats):  # repeat -1 warms both up and is not counted
-                    prompt = passkey_prompt(n_sentences=N_SENTENCES, depth=0.5, seed=100 + repeat)
-                    options = CompareOptions(args.model, prompt.text, METHODS, 0.2, args.max_new_tokens,
-                                             answer=prompt.answer).check()
-                    runs = [("in_process", lambda: in_process(loaded, options)),
-                            ("server", lambda: on_server(backend, options))]
-                    results = {name: run() for name, run in (runs if repeat % 2 else runs[::-1])}
-                    same &= all((a["text"], a["token_ids"]) == (b["text"], b["token_ids"])
-                                for a, b in zip(results["in_process"][1], results["server"][1]))
-                    if repeat >= 0:
-                        tokens.append(int(loaded.encode(prompt.text).shape[1]))
-                        samples["in_process"].append(results["in_process"][0])
-                        samples["server"].append(results["server"][0])
-                        samples["server_job"].append(results["server"][2])
-                        print(f"repeat {repeat + 1}: in-process {results['in_process'][0]:.3f} s, server "
-                              f"{results['server'][0]:.3f} s (job {results['server'][2]:.3f} s)", file=sys.stderr)
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
+    with serving(args.model) as (url, token):
+        with Backend(url, token) as backend:
+            samples = {"in_process": [], "server": [], "server_job": []}
+            tokens, same = [], True
+            for repeat in range(-1, args.repeats):  # repeat -1 warms both up and is not counted
+                prompt = passkey_prompt(n_sentences=N_SENTENCES, depth=0.5, seed=100 + repeat)
+                options = CompareOptions(args.model, prompt.text, METHODS, 0.2, args.max_new_tokens,
+                                         answer=prompt.answer).check()
+                runs = [("in_process", lambda: in_process(loaded, options)),
+                        ("server", lambda: on_server(backend, options))]
+                results = {name: run() for name, run in (runs if repeat % 2 else runs[::-1])}
+                same &= all((a["text"], a["token_ids"]) == (b["text"], b["token_ids"])
+                            for a, b in zip(results["in_process"][1], results["server"][1]))
+                if repeat >= 0:
+                    tokens.append(int(loaded.encode(prompt.text).shape[1]))
+                    samples["in_process"].append(results["in_process"][0])
+                    samples["server"].append(results["server"][0])
+                    samples["server_job"].append(results["server"][2])
+                    print(f"repeat {repeat + 1}: in-process {results['in_process'][0]:.3f} s, server "
+                          f"{results['server'][0]:.3f} s (job {results['server'][2]:.3f} s)", file=sys.stderr)
 
     medians = {name: statistics.median(values) for name, values in samples.items()}
     record = {

@@ -20,9 +20,7 @@ import asyncio
 import json
 import os
 import platform
-import secrets
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +29,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import httpx
 import numpy as np
 
-from backend_overhead import free_port, start_server
+from backend_overhead import serving
 from zigzag_viz.evaluation.prompts import passkey_prompt
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -117,21 +115,10 @@ def main(argv=None) -> int:
                 for i in range(args.baseline)]
     work = [(kinds[i % 2], request_body(kinds[i % 2], args.baseline + i, args.model, args.max_new_tokens))
             for i in range(args.requests)]
-    token = secrets.token_urlsafe(32)
-    with tempfile.TemporaryDirectory() as folder:
-        token_file = Path(folder) / "token"
-        token_file.write_text(token)
-        token_file.chmod(0o600)
-        port = free_port()
-        server = start_server(args.model, token_file, port, Path(folder) / "server.log")
-        url = f"http://127.0.0.1:{port}"
-        try:
-            asyncio.run(run_load(url, token, baseline[:2], 1))  # warm-up, not counted
-            single, single_wall = asyncio.run(run_load(url, token, baseline, 1))
-            loaded, wall = asyncio.run(run_load(url, token, work, args.clients))
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
+    with serving(args.model) as (url, token):
+        asyncio.run(run_load(url, token, baseline[:2], 1))  # warm-up, not counted
+        single, single_wall = asyncio.run(run_load(url, token, baseline, 1))
+        loaded, wall = asyncio.run(run_load(url, token, work, args.clients))
 
     errors = [record for record in single + loaded if record["error"]]
     single_p99 = percentiles([r["seconds"] for r in single])["p99_s"]

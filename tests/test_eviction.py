@@ -86,7 +86,7 @@ def test_compare_reports_every_method_against_full(tiny):
             diverged = min(len(reference), len(tokens))
         assert rows[name].first_divergence == diverged
         assert sum(rows[name].layer_budgets) == round(4 * 0.3 * result.n_tokens)
-    assert np.isclose(result.table()["kv_fraction"].iloc[0], 1.0)
+    assert np.isclose(result.results[0].kv_fraction, 1.0)
 
 
 @pytest.mark.parametrize("spec", ["zigzag", "adakv", "kivi[residual=4096]", "think[keep=1.0]"])

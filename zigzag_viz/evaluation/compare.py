@@ -123,14 +123,6 @@ class Comparison:
         """Compressed prompt tokens that spell the known answer."""
         return [p for p in answer_token_positions(self.prompt_tokens, self.answer) if p < self.n_context]
 
-    def table(self):
-        """One row per method (pandas DataFrame) with the headline numbers."""
-        import pandas as pd
-
-        hidden = {"layer_budgets", "kl_curve", "top1_curve", "token_ids"}
-        rows = [{k: v for k, v in r.to_json().items() if k not in hidden} for r in self.results]
-        return pd.DataFrame(rows)
-
     def verdict(self, equal_memory: float = 0.02) -> str:
         """One or two sentences for the top of a page: which methods kept the answer (the known answer in their
         text, else the full-KV text token for token), the one closest to full KV by mean KL among those holding
