@@ -223,26 +223,13 @@ def run_method(
     next_logits, position, question_s = feed_question(loaded, cache, pre, question_ids)
     forced = None
     if reference:
-        forced = teacher_forced_logits(loaded, kvcache.clone(cache), next_logits, position, reference)
+        forced = runtime.teacher_forced_logits(loaded, kvcache.clone(cache), next_logits, position, reference)
     started = time.perf_counter()
     tokens, _ = runtime.greedy_decode(loaded, cache, next_logits, position, max_new_tokens)
     decode_s = time.perf_counter() - started
     budgets = [int(b) for b in report.layer_budgets]
     return CompressedRun(tokens, held, budgets, report.kept, compress_s, question_s, decode_s, forced,
                          runtime.peak_memory(loaded.device))
-
-
-def teacher_forced_logits(
-    loaded: LoadedModel, cache, first_logits: torch.Tensor, start: int, reference: list[int]
-) -> np.ndarray:
-    """Next-token logits (T, V) at each step of `reference`, feeding its tokens through `cache` from `start` at once."""
-    first = first_logits[None].float().cpu()
-    if len(reference) == 1:
-        return first.numpy()
-    fed = torch.tensor([reference[:-1]], device=loaded.device)
-    with loaded.lock:
-        rest = runtime.forward_tokens(loaded, cache, fed, start).float().cpu()
-    return torch.cat([first, rest]).numpy()
 
 
 @dataclass

@@ -88,18 +88,14 @@ class ZigZag(CalibratedMethod, TokenBudgetMethod):
         n = pre.n_tokens
         tokens, steps = runtime.greedy_decode(loaded, kvcache.clone(pre.cache), pre.next_logits, n, CALIBRATION_TOKENS)
         reference = torch.stack(steps).float().cpu().numpy()
-        fed = torch.tensor([tokens[:-1]], device=loaded.device)
         sums = np.zeros(len(candidates))
         for index, (rho, signal) in enumerate(candidates):
             method = ZigZag(rho=rho, signal=signal, tau=self.params["tau"], select=self.selector)
             for fraction in CALIBRATION_FRACTIONS:
                 cache = kvcache.clone(pre.cache)
                 method.compress(cache, CompressionContext(pre.analysis, fraction, loaded=loaded))
-                logits = [pre.next_logits[None].float().cpu()]
-                if fed.shape[1]:
-                    with loaded.lock:
-                        logits.append(runtime.forward_tokens(loaded, cache, fed, n).float().cpu())
-                sums[index] += kl_per_step(reference, torch.cat(logits).numpy()).mean()
+                forced = runtime.teacher_forced_logits(loaded, cache, pre.next_logits, n, tokens)
+                sums[index] += kl_per_step(reference, forced).mean()
         return sums
 
     def check_calibration(self, loaded: LoadedModel, result: dict) -> None:

@@ -101,6 +101,19 @@ def forward_tokens(loaded: LoadedModel, cache, token_ids: torch.Tensor, start: i
     return out.logits[0].float()
 
 
+def teacher_forced_logits(
+    loaded: LoadedModel, cache, first_logits: torch.Tensor, start: int, reference: list[int]
+) -> np.ndarray:
+    """Next-token logits (T, V) at each step of `reference`, feeding its tokens through `cache` from `start` at once."""
+    first = first_logits[None].float().cpu()
+    if len(reference) == 1:
+        return first.numpy()
+    fed = torch.tensor([reference[:-1]], device=loaded.device)
+    with loaded.lock:
+        rest = forward_tokens(loaded, cache, fed, start).float().cpu()
+    return torch.cat([first, rest]).numpy()
+
+
 def new_cache(loaded: LoadedModel):
     from transformers import DynamicCache
 
