@@ -6,12 +6,11 @@ from pathlib import Path
 
 import streamlit as st
 
-from zigzag_viz.presentation import bundled, charts, links, ui
+from zigzag_viz.presentation import bundled, charts, links, saved, ui
 from zigzag_viz.pipeline.budgets import budget_curves, prompt_share
 from zigzag_viz.pipeline.capture import bins_of
 from zigzag_viz.evaluation.prompts import EXAMPLES
 from zigzag_viz.evaluation.store import check_run_name
-from zigzag_viz.evaluation.sweep import save_comparison
 from zigzag_viz.presentation.report import comparison_html
 from zigzag_viz.presentation.views import ComparisonResult, changed_settings
 from zigzag_viz.serving.api import CompareOptions
@@ -26,20 +25,53 @@ st.set_page_config(page_title="Compare · zigzag_viz", page_icon="⚖️", layou
 ui.page_style()
 st.title("Full KV vs compressed KV")
 
+
+def restore(values: dict) -> None:
+    """Put a link's or a saved comparison's settings into the widgets before they are drawn."""
+    if "methods" in values:  # plain method names to the picker, variants and compositions to the extra specs
+        names, extra = links.split_methods(values["methods"])
+        if names or extra:
+            st.session_state["methods"], st.session_state["methods_extra"] = names, extra
+    if "max_new_tokens" in values and 1 <= values["max_new_tokens"] <= 256:
+        st.session_state["max_new_tokens"] = values["max_new_tokens"]
+    if "match_bytes" in values:
+        st.session_state["match_bytes"] = values["match_bytes"]
+    if isinstance(values.get("prompt"), dict):
+        st.session_state["prompt_source"] = OWN_PROMPT
+        for field in ("prompt", "question", "answer"):
+            st.session_state[f"{field}_{OWN_PROMPT}"] = values["prompt"][field]
+    elif values.get("prompt") in EXAMPLES:
+        st.session_state["prompt_source"] = values["prompt"]
+
+
+def reopen(name: str) -> None:
+    """Show the comparison saved as run `name` with the settings that made it (a message when it cannot)."""
+    found = ui.run_safely(lambda: saved.reopen(ui.runs_root() / check_run_name(name)), "Opening the saved comparison")
+    if found is None:
+        return
+    shown, options = found
+    example = next((key for key, make in EXAMPLES.items() if make().text == options.prompt), None)
+    prompt = example if example and not options.question else {
+        "prompt": options.prompt, "question": options.question or "", "answer": options.answer or ""}
+    restore({"methods": options.methods, "max_new_tokens": options.max_new_tokens,
+             "match_bytes": options.match_bytes, "prompt": prompt})
+    ui.restore_shared({"model": options.model, "kept_fraction": options.budget, "window": options.window,
+                       "mode": options.mode})
+    if example:
+        st.session_state.update({f"prompt_{example}": options.prompt, f"question_{example}": "",
+                                 f"answer_{example}": options.answer or ""})
+    st.session_state.update(comparison=shown, comparison_options=options, comparison_saved=name)
+    st.session_state.pop("comparison_bundled", None)
+    st.session_state.pop("kept_methods", None)
+
+
 linked = ui.restore_from_link("compare")
-if "methods" in linked:  # plain method names to the picker, variants and compositions to the extra specs
-    names, extra = links.split_methods(linked["methods"])
-    if names or extra:
-        st.session_state["methods"], st.session_state["methods_extra"] = names, extra
-if "max_new_tokens" in linked and 1 <= linked["max_new_tokens"] <= 256:
-    st.session_state["max_new_tokens"] = linked["max_new_tokens"]
-if isinstance(linked.get("prompt"), dict):
-    st.session_state["prompt_source"] = OWN_PROMPT
-    for field in ("prompt", "question", "answer"):
-        st.session_state[f"{field}_{OWN_PROMPT}"] = linked["prompt"][field]
-elif linked.get("prompt") in EXAMPLES:
-    st.session_state["prompt_source"] = linked["prompt"]
-st.session_state.setdefault("run_from_link", bool(linked.get("run")))
+restore(linked)
+if linked.get("saved"):
+    reopen(linked["saved"])
+elif st.session_state.get("reopen"):
+    reopen(st.session_state.pop("reopen"))
+st.session_state.setdefault("run_from_link", bool(linked.get("run")) and not linked.get("saved"))
 
 
 def initial(key: str, default):
@@ -59,6 +91,16 @@ with st.sidebar:
                              help="The last w queries score the tokens; the last w tokens are always kept")
     max_new_tokens = st.number_input("Max new tokens", min_value=1, max_value=256, value=initial("max_new_tokens", 24),
                                      key="max_new_tokens")
+    stored_names = saved.saved_comparisons(ui.runs_root())
+    if stored_names:
+        with st.expander(f"Saved comparisons ({len(stored_names)})"):
+            picked_run = st.selectbox("Saved comparison", stored_names, key="saved_pick",
+                                      help=f"Comparisons saved with Save below, newest first (under {ui.runs_root()})")
+            st.button("Open", key="open_saved", on_click=lambda: st.session_state.update(reopen=picked_run))
+    match_bytes = st.toggle("Match bytes", value=initial("match_bytes", False), key="match_bytes",
+                            help="Bring every method to the kept fraction as a share of full KV's bytes: token methods "
+                                 "already are; KIVI, ThinK and KVSharer get uniform eviction in front, its kept "
+                                 "fraction solved on this prompt (a few compressions, no decoding)")
 
 methods = ui.method_picker(["full", "zigzag", "pyramid", "uniform", "adakv"])
 source = st.selectbox("Prompt", list(EXAMPLES) + [OWN_PROMPT], key="prompt_source",
@@ -77,7 +119,7 @@ answer = right.text_input("Known answer (optional, for the task score)",
 specs = tuple(dict.fromkeys(m.spec for m in methods or []))
 options = CompareOptions(model=model_name or "", prompt=prompt, methods=",".join(specs), budget=float(budget),
                          max_new_tokens=int(max_new_tokens), window=int(window), answer=answer.strip() or None,
-                         mode=mode, question=question.strip() or None)
+                         mode=mode, question=question.strip() or None, match_bytes=bool(match_bytes))
 if ui.was_cancelled():
     st.info("Run cancelled; the results below are from the last finished run.")
 if st.button("Run", type="primary") or st.session_state.pop("run_from_link", False):
@@ -98,6 +140,7 @@ if st.button("Run", type="primary") or st.session_state.pop("run_from_link", Fal
                 st.session_state["comparison"] = result
                 st.session_state["comparison_options"] = options
                 st.session_state.pop("comparison_bundled", None)
+                st.session_state.pop("comparison_saved", None)
                 st.session_state.pop("kept_methods", None)  # the map's picker starts from the new rows
                 status.update(label=f"Done: {result.comparison.n_tokens} prompt tokens, {len(specs)} method(s), "
                                     f"{result.comparison.mode} mode", state="complete", expanded=False)
@@ -105,7 +148,10 @@ if st.button("Run", type="primary") or st.session_state.pop("run_from_link", Fal
                 status.update(label="Stopped: see the message below", state="error", expanded=True)
 
 computed = "comparison" in st.session_state and "comparison_bundled" not in st.session_state
-ui.share_in_link(links.compare_params(options, source, source in EXAMPLES, computed) if specs and prompt.strip() else None)
+fresh = not changed_settings(st.session_state.get("comparison_options"), options)
+ui.share_in_link(links.compare_params(options, source, source in EXAMPLES, computed,
+                                      st.session_state.get("comparison_saved") if fresh else None)
+                 if specs and prompt.strip() else None)
 wanted = (model_name, mode, options.methods)
 if ("comparison" not in st.session_state or "comparison_bundled" in st.session_state) and \
         st.session_state.get("comparison_bundled_for") != wanted:
@@ -161,15 +207,19 @@ left.download_button("Whole comparison as JSON (rows, curves, kept-token maps)",
 right.download_button("Whole comparison as one HTML page (opens offline)", lambda: comparison_html(shown),
                       file_name="comparison.html", mime="text/html", key="html_comparison", on_click="ignore")
 
-with st.expander("Save this comparison into the run store (then open it on the Runs page)"):
+with st.expander("Save this comparison into the run store (reopen it here, or see its rows on the Runs page)"):
     default_name = re.sub(r"[^\w.-]+", "-", f"compare-{Path(result.model).name}-{result.mode}-{result.budget:g}")
     run_name = st.text_input("Run name", value=default_name, key="save_run_name",
                              help=f"A folder under {ui.runs_root()} (letters, digits, '.', '-', '_')")
     if st.button("Save", key="save_run"):
-        saved = ui.run_safely(lambda: save_comparison(result, ui.runs_root() / check_run_name(run_name.strip())),
-                              "Saving the comparison")
-        if saved is not None:
-            st.success(f"Saved as {saved.folder}: {len(result.results)} rows.")
+        made_with = st.session_state["comparison_options"]
+        stored = ui.run_safely(lambda: saved.save(shown, made_with, ui.runs_root() / check_run_name(run_name.strip())),
+                               "Saving the comparison")
+        if stored is not None:
+            st.session_state["comparison_saved"] = stored.folder.name
+            st.success(f"Saved as {stored.folder}: {len(result.results)} rows. It is listed under **Saved "
+                       "comparisons** in the sidebar; the address now reopens it.")
+            ui.share_in_link(links.compare_params(options, source, source in EXAMPLES, True, stored.folder.name))
 
 curves_tab, kept_tab, budgets_tab, bytes_tab, why_tab = st.tabs(
     ["KL and top-1 per step", "Kept-token map", "Tokens per layer", "KV bytes", "Why these budgets"]

@@ -170,3 +170,18 @@ def test_lmbo_signal_needs_the_deep_capture(prompt_file):
     path, _ = prompt_file
     out = run_cli("analyze", "--model", "tiny", "--prompt-file", str(path), "--signal", "lmbo")
     assert out.returncode == 2 and "--signal lmbo needs --deep" in out.stderr
+
+
+def test_compare_with_match_bytes_brings_every_method_to_the_same_bytes(prompt_file):
+    path, _ = prompt_file
+    out = run_cli("compare", "--model", "tiny", "--prompt-file", str(path), "--methods", "full,uniform,think,kivi[bits=4]",
+                  "--budget", "0.25", "--max-new-tokens", "3", "--match-bytes", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = {r["method"]: r for r in json.loads(out.stdout)}
+    assert set(rows) == {"full", "uniform", "uniform+think", "uniform+kivi[bits=4]"}
+    for method in ("uniform", "uniform+think", "uniform+kivi[bits=4]"):
+        assert abs(rows[method]["kv_fraction"] - 0.25) <= 0.01, method
+    assert rows["uniform+think"]["budget"] > 0.25
+    table = run_cli("compare", "--model", "tiny", "--prompt-file", str(path), "--methods", "think", "--budget", "0.25",
+                    "--max-new-tokens", "2", "--match-bytes")
+    assert table.returncode == 0 and "uniform+think" in table.stdout and "budget" in table.stdout.splitlines()[0]

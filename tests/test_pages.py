@@ -328,3 +328,42 @@ def test_model_kept_fraction_window_mode_and_tau_are_shared_by_every_page_and_su
     at.switch_page("pages/2_Uncertainty.py").run()
     assert _slider(at, "τ for LMBA").value == pytest.approx(0.75)
     assert not at.exception and not at.warning
+
+
+def test_compare_page_matches_bytes_then_saves_and_reopens_the_comparison(monkeypatch, tmp_path):
+    monkeypatch.setenv("ZIGZAG_VIZ_RUNS", str(tmp_path))
+    at = _open(COMPARE)
+    at.multiselect(key="methods").set_value(["full", "uniform", "kivi", "think"]).run()
+    at.text_input(key="methods_extra").set_value("kivi[residual=32,group=16]").run()
+    at.toggle(key="match_bytes").set_value(True).run()
+    _button(at, "Run").click().run()
+    _no_traceback(at)
+    assert not at.error, _messages(at)
+    table = at.dataframe[0].value.set_index("method")
+    # 20 % of full KV's bytes: KIVI (2 bits: 25 % of the bytes on the tiny model) and ThinK run behind uniform
+    # eviction at a larger kept fraction; KIVI with a short full-precision tail holds 16 % at any fraction
+    assert set(table.index) == {"full", "uniform", "uniform+kivi", "uniform+think", "kivi[group=16,residual=32]"}
+    for method in ("uniform", "uniform+kivi", "uniform+think"):
+        assert table.loc[method, "KV share"] == pytest.approx(0.2, abs=0.01), method
+    assert table.loc["uniform+kivi", "kept"] > 0.5 and table.loc["uniform+think", "kept"] > 0.2
+    assert table.loc["kivi[group=16,residual=32]", "KV share"] < 0.19
+    verdict = next(m.value for m in at.markdown if m.value.startswith("**") and "Closest to full KV" in m.value)
+    assert "At other memory, so not comparable head to head: kivi[group=16,residual=32] holds 16%" in verdict
+    shown = at.session_state["comparison"]
+
+    at.text_input(key="save_run_name").set_value("matched").run()
+    _button(at, "Save").click().run()
+    _no_traceback(at)
+    assert (tmp_path / "matched" / "view.json.gz").exists() and any(s.value.startswith("Saved as") for s in at.success)
+
+    again = AppTest.from_file(COMPARE, default_timeout=120)  # a new session: the saved comparison is listed
+    again.run()
+    assert again.selectbox(key="saved_pick").options == ["matched"]
+    _button(again, "Open").click().run()
+    _no_traceback(again)
+    reopened = again.session_state["comparison"]
+    assert [r.method for r in reopened.comparison.results] == [r.method for r in shown.comparison.results]
+    assert [r.text for r in reopened.comparison.results] == [r.text for r in shown.comparison.results]
+    assert again.toggle(key="match_bytes").value and again.selectbox(key="model").value == "tiny"
+    assert not any("Stale" in w.value for w in again.warning)  # the widgets follow the reopened settings
+    assert "comparison_bundled" not in again.session_state

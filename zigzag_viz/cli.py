@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "feed the question through the compressed cache")
     compare.add_argument("--question", default=None,
                          help="question appended after a blank line (default in context mode: the prompt's last paragraph)")
+    compare.add_argument("--match-bytes", action="store_true",
+                         help="bring every method to --budget as a share of full KV's bytes (methods on bits, "
+                              "channels or layers get uniform eviction in front, its kept fraction solved for)")
     compare.add_argument("--export", default=None, metavar="PATH",
                          help="also write the whole comparison (settings, rows, kept-token maps) as JSON to PATH")
 
@@ -238,7 +241,7 @@ def run_analyze(args) -> dict:
 def run_compare(args) -> list[dict]:
     """What `compare --json` prints, computed here or on the backend; writes the export when asked."""
     options = CompareOptions(args.model, read_prompt(args.prompt_file), args.methods, args.budget,
-                             args.max_new_tokens, args.window, args.answer, args.mode, args.question)
+                             args.max_new_tokens, args.window, args.answer, args.mode, args.question, args.match_bytes)
     if args.backend:  # the server checks the options with the same one-line messages
         with _backend(args) as backend:
             result = backend.compare(options, None if args.json else _progress_printer())
@@ -325,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 print(json.dumps(rows))
             else:
-                _print_table(rows, ["method", "mode", "kv_fraction", "token_agreement", "rouge_l", "kl_mean", "first_divergence",
+                _print_table(rows, ["method", "mode", "budget", "kv_fraction", "token_agreement", "rouge_l", "kl_mean", "first_divergence",
                                    "task_score", "ms_per_token", "text"])
         return 0
     except UserError as exc:

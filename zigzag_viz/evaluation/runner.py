@@ -27,10 +27,12 @@ import torch
 from ..errors import BudgetError, InputError
 from ..methods import CompressionContext, CompressionMethod, parse_specs
 from ..pipeline import runtime
-from ..pipeline.budgets import average_budget, check_feasible, kept_fraction
+from ..pipeline import cache as kvcache
+from ..pipeline.budgets import average_budget, check_feasible, kept_fraction, smallest_kept_fraction
 from ..pipeline.capture import decoder_layers
 from ..pipeline.models import LoadedModel
 from .compare import MODES, Comparison, MethodResult, Reference, assemble, method_row, prefill_reference
+from .matching import Matched, match_method
 from .prompts import split_question
 
 Progress = Callable[[float, str], None]
@@ -105,6 +107,7 @@ class Request:
     window: int
     max_new_tokens: int
     answer: str | None
+    match_bytes: bool = False
 
     @property
     def specs(self) -> tuple[str, ...]:
@@ -189,10 +192,11 @@ class Runner:
     def request(
         self, prompt: str, methods: str | Sequence[CompressionMethod | str], budgets: float | Sequence[float] = 0.2,
         mode: str = "aware", question: str | None = None, window: int = 32, max_new_tokens: int = 32,
-        answer: str | None = None,
+        answer: str | None = None, match_bytes: bool = False,
     ) -> Request:
         """Check everything that can be checked before the prefill (methods, mode, settings, prompt length,
-        each budget against the window and the compressed tokens) and return the request; raises UserError."""
+        each budget against the window and the compressed tokens) and return the request; raises UserError.
+        With `match_bytes` every method is brought to each budget as a share of full KV's bytes (`matched`)."""
         methods, fractions = check_settings(methods, budgets, mode, window, max_new_tokens)
         text, asked = prompt, None
         if mode == "context" or (question and question.strip()):
@@ -207,7 +211,7 @@ class Runner:
             for fraction in fractions:
                 check_feasible(len(caps), average_budget(fraction, split, caps), split, min(window, split), caps=caps)
         return Request(prompt, input_ids, split, asked, methods, fractions, mode, window, max_new_tokens,
-                       answer if answer and answer.strip() else None)
+                       answer if answer and answer.strip() else None, bool(match_bytes))
 
     def reference(self, request: Request, share: tuple[float, float] = (0.0, 1.0)) -> Reference:
         """The request's prompt prefilled once with its full-KV answer (from the cache when it was made before);
@@ -252,6 +256,34 @@ class Runner:
 
         return self.cache.row(request.row_key(self.loaded.name, method.spec, budget), compute)
 
+    def byte_share(self, request: Request, reference: Reference, method: CompressionMethod, budget: float) -> float:
+        """Share of full KV's bytes that `method` holds at kept fraction `budget` on this prompt: a copy of the
+        prefilled cache compressed, nothing decoded (BudgetError when the budget is impossible)."""
+        context, _ = self.prepare_row(request, reference, method, budget)
+        cache = kvcache.clone(reference.pre.cache)
+        method.compress(cache, context)
+        return kvcache.kv_bytes(cache) / reference.full_bytes
+
+    def matched(self, request: Request, reference: Reference, method: CompressionMethod, target: float) -> Matched:
+        """`method` brought to `target` of full KV's bytes on this prompt (see evaluation.matching)."""
+        analysis = reference.pre.analysis
+        low = smallest_kept_fraction(analysis.num_layers, analysis.n_tokens, analysis.window, analysis.layer_caps)
+        return match_method(method, target, low, lambda m, b: self.byte_share(request, reference, m, b))
+
+    def planned(self, request: Request, reference: Reference) -> list[tuple[CompressionMethod, float]]:
+        """(method, kept fraction) of every row in order: as asked, or with `match_bytes` each method brought to
+        each asked fraction of full KV's bytes (reported as it is solved)."""
+        if not request.match_bytes:
+            return [(method, budget) for budget in request.budgets for method in request.methods]
+        pairs = []
+        for budget in request.budgets:
+            for method in request.methods:
+                matched = self.matched(request, reference, method, budget)
+                self.report(0.0, f"{method.spec} at {budget:.0%} of the bytes: {matched.method.spec} keeps "
+                                 f"{matched.budget:g}{' (' + matched.note + ')' if matched.note else ''}")
+                pairs.append((matched.method, matched.budget))
+        return pairs
+
     def rows(self, request: Request, reference: Reference | None = None) -> Iterator[MethodResult]:
         """Every (budget, method) row of the request, each yielded as soon as it is ready; one prefill for all
         (`reference`, made here when not given). Every method's budgets are computed (and calibrations run)
@@ -259,16 +291,11 @@ class Runner:
         count = len(request.methods) * len(request.budgets)
         step = 1.0 / (count + 1)
         reference = reference or self.reference(request, (0.0, step))
-        prepared = {
-            (method.spec, budget): self.prepare_row(request, reference, method, budget, at=step)
-            for budget in request.budgets for method in request.methods
-        }
-        done = 0
-        for budget in request.budgets:
-            for method in request.methods:
-                done += 1
-                self.report(step * done, f"{method.spec} at {budget:g}: compress and decode")
-                yield self.row(request, reference, method, budget, prepared[(method.spec, budget)])
+        pairs = self.planned(request, reference)
+        prepared = [self.prepare_row(request, reference, method, budget, at=step) for method, budget in pairs]
+        for done, ((method, budget), ready) in enumerate(zip(pairs, prepared), start=1):
+            self.report(step * done, f"{method.spec} at {budget:g}: compress and decode")
+            yield self.row(request, reference, method, budget, ready)
         self.report(1.0, "done")
 
     def compare(self, request: Request, on_row: Callable[[MethodResult], None] | None = None) -> Comparison:

@@ -1,5 +1,5 @@
-"""Stage 6, stored runs: a folder per run holding `manifest.json` and Parquet shards, nothing else, queried with
-DuckDB.
+"""Stage 6, stored runs: a folder per run holding `manifest.json` and Parquet shards (and, for a comparison saved
+from the Compare page, `view.json.gz`: the whole view, to reopen it), queried with DuckDB.
 
     store = RunStore.open(Path("runs/smoke"), settings)   # refuses a folder that holds another run's settings
     done = store.done_keys()                             # {(task, family, sample, length, depth, budget, method, mode)}
@@ -30,6 +30,7 @@ from ..errors import InputError
 
 KEY_COLUMNS = ("task", "family", "sample", "length", "depth", "budget", "method", "mode")
 MANIFEST = "manifest.json"
+VIEW = "view.json.gz"
 SHARD_GLOB = "shard-*.parquet"
 
 
@@ -141,7 +142,7 @@ class RunStore:
     def remove_leftovers(self) -> None:
         """Delete the temporary files a killed writer left (call only from the run's one writer)."""
         for path in self.folder.glob(".*"):
-            if path.is_file() and (path.name.startswith(".shard-") or path.name.startswith(f".{MANIFEST}.")):
+            if path.is_file() and path.name.startswith((".shard-", f".{MANIFEST}.", f".{VIEW}.")):
                 path.unlink(missing_ok=True)
 
     def shards(self) -> list[Path]:
@@ -190,8 +191,21 @@ class RunStore:
         _atomic_write(path, buffer)
         return path
 
+    def write_view(self, data: bytes) -> Path:
+        """Store a saved comparison's whole view (gzipped JSON made by the caller), whole or not at all."""
+        _atomic_write(self.folder / VIEW, data)
+        return self.folder / VIEW
+
+    def view(self) -> bytes | None:
+        """The saved view's bytes, or None when this run has none."""
+        try:
+            return (self.folder / VIEW).read_bytes()
+        except FileNotFoundError:
+            return None
+
     def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.shards()) + (self.folder / MANIFEST).stat().st_size
+        extra = [self.folder / MANIFEST] + [p for p in [self.folder / VIEW] if p.exists()]
+        return sum(p.stat().st_size for p in self.shards() + extra)
 
 
 def runs_table(root: Path) -> pd.DataFrame:

@@ -54,12 +54,18 @@ def prompt_share(fraction: float, n_tokens: int, caps) -> float:
     return average_budget(fraction, n_tokens, caps) / n_tokens
 
 
+def smallest_kept_fraction(num_layers: int, n_tokens: int, window: int, caps=None) -> float:
+    """The smallest kept fraction whose layer budgets still hold every layer's always-kept window."""
+    low, high = bounds(num_layers, n_tokens, window, caps)
+    return math.ceil(low.sum() / high.sum() * 1e4) / 1e4
+
+
 def check_feasible(num_layers: int, avg_budget: float, n_tokens: int, window: int, caps=None) -> int:
     """round(L·B_avg), after checking that the layers' bounds can hold exactly that many tokens."""
     low, high = bounds(num_layers, n_tokens, window, caps)
     total = int(round(num_layers * avg_budget))
     if total < low.sum():
-        smallest = low.sum() / high.sum()
+        smallest = smallest_kept_fraction(num_layers, n_tokens, window, caps)
         raise BudgetError(
             f"a budget of {avg_budget:.1f} tokens per layer is below the always-kept window of {low.max()} tokens "
             f"(prompt of {n_tokens} tokens): raise the budget to at least {smallest:.2f} or shrink the window"

@@ -586,6 +586,8 @@ METRIC_COLUMNS: dict[str, tuple[str, str | None]] = {
     "method": ("The method and its parameters, as a spec string", None),
     "KV MiB": ("Bytes the compressed cache holds, in MiB (2²⁰ bytes)", "%.3f"),
     "KV share": ("Share of full KV's bytes: methods compare fairly only at the same share", "percent"),
+    "kept": ("Kept fraction the method ran with: the asked one, or with match bytes the one that brings it to the "
+             "asked share of the bytes", "%.3g"),
     "answer": ("✔ the known answer appears in the text, ✘ it does not, – no known answer", None),
     "same tokens": ("Share of generated tokens equal to full KV's, position by position", "percent"),
     "diverges at": ("Index of the first generated token that differs from full KV's; empty when none does", None),
@@ -612,6 +614,7 @@ def metrics_table(results: Sequence) -> pd.DataFrame:
         "method": r.method,
         "KV MiB": r.kv_bytes / 2**20,
         "KV share": r.kv_fraction,
+        "kept": r.budget,
         "answer": answer(r.task_score),
         "same tokens": r.token_agreement,
         "diverges at": r.first_divergence,

@@ -4,8 +4,9 @@
     values = read_params(params)                                                    # → widget values
 
 Shared settings travel as model, kept, window, mode and tau; the Compare page adds its methods (spec strings),
-max new tokens, the prompt (a bundled example by name, or `text-<hash>` of a prompt stored once under the cache
-folder with its question and answer) and run=1 when the link should show results. Anything unreadable in a
+max new tokens, match=1 when every method is brought to equal bytes, the prompt (a bundled example by name, or `text-<hash>` of a prompt stored once under the cache
+folder with its question and answer), run=1 when the link should show results, and saved=NAME when they are a
+comparison saved in the run store (opened from there, not computed). Anything unreadable in a
 link is left out, never an error: the page then starts from its defaults for it.
 """
 
@@ -55,15 +56,19 @@ def shared_params(values: dict) -> dict[str, str]:
     return {name: str(values[key]) for name, (key, _) in SHARED.items() if values.get(key) not in (None, "")}
 
 
-def compare_params(options, source: str, bundled: bool, shown: bool) -> dict[str, str]:
+def compare_params(options, source: str, bundled: bool, shown: bool, saved: str | None = None) -> dict[str, str]:
     """The Compare page's link: shared settings, methods, max new tokens, the prompt (the bundled example's name,
-    or a stored prompt's key) and run=1 when results are on screen."""
+    or a stored prompt's key), run=1 when results are on screen, and the saved comparison they come from."""
     params = shared_params({"model": options.model, "kept_fraction": options.budget, "window": options.window,
                             "mode": options.mode})
     params.update(methods=options.methods, tokens=str(options.max_new_tokens))
+    if options.match_bytes:
+        params["match"] = "1"
     params["prompt"] = source if bundled else store_prompt(options.prompt, options.question, options.answer)
     if shown:
         params["run"] = "1"
+    if saved:
+        params["saved"] = saved
     return params
 
 
@@ -89,7 +94,8 @@ def _number(kind, text: str):
 
 def read_params(params: dict[str, str]) -> dict:
     """Widget values by key from a link's query parameters: the shared settings that parse, `methods` (spec
-    string), `max_new_tokens`, `prompt` (a bundled name or a stored record) and `run`."""
+    string), `max_new_tokens`, `match_bytes`, `prompt` (a bundled name or a stored record), `saved` (a run name,
+    checked where it is opened) and `run`."""
     values = {}
     for name, (key, kind) in SHARED.items():
         if name in params:
@@ -101,7 +107,11 @@ def read_params(params: dict[str, str]) -> dict:
         values["methods"] = params["methods"]
     if params.get("tokens", "").isdigit():
         values["max_new_tokens"] = int(params["tokens"])
+    if params.get("match") in ("0", "1"):
+        values["match_bytes"] = params["match"] == "1"
     if params.get("prompt"):
         values["prompt"] = stored_prompt(params["prompt"]) or params["prompt"]
+    if params.get("saved"):
+        values["saved"] = params["saved"]
     values["run"] = params.get("run") == "1"
     return values

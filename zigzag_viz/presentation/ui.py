@@ -406,10 +406,15 @@ def restore_from_link(page: str) -> dict:
         return {}
     st.session_state[flag] = True
     values = links.read_params(st.query_params.to_dict())
+    restore_shared(values)
+    return values
+
+
+def restore_shared(values: dict) -> None:
+    """Give the shared settings in `values` (by widget key) that fit their widgets to every page."""
     for key, fits in SHARED_DOMAINS.items():
         if key in values and fits(values[key]):
             st.session_state[f"_{key}"] = values[key]
-    return values
 
 
 def share_in_link(params: dict[str, str] | None = None) -> None:

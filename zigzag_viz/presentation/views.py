@@ -101,7 +101,7 @@ def device_info(loaded: LoadedModel) -> DeviceInfo:
 
 SETTING_NAMES = {"model": "the model", "prompt": "the prompt", "methods": "the methods", "budget": "the kept fraction",
                  "max_new_tokens": "max new tokens", "window": "the window", "answer": "the known answer",
-                 "mode": "the setting", "question": "the question"}
+                 "mode": "the setting", "question": "the question", "match_bytes": "match bytes"}
 
 
 def changed_settings(made_with, now) -> list[str]:
@@ -109,4 +109,4 @@ def changed_settings(made_with, now) -> list[str]:
     (dataclasses with the fields of SETTING_NAMES); none when there is no result."""
     if made_with is None:
         return []
-    return [name for field, name in SETTING_NAMES.items() if getattr(made_with, field) != getattr(now, field)]
+    return [name for field, name in SETTING_NAMES.items() if getattr(made_with, field, None) != getattr(now, field, None)]

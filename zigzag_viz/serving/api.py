@@ -97,7 +97,8 @@ class AnalyzeOptions(_Options):
 @dataclass(frozen=True)
 class CompareOptions(_Options):
     """POST /compare and `zigzag-viz compare`: the prompt text, comma-separated method specs, the kept fraction
-    in (0, 1], tokens to generate, the observation window (tokens), the known answer, the mode and question."""
+    in (0, 1], tokens to generate, the observation window (tokens), the known answer, the mode and question, and
+    whether every method is brought to the kept fraction as a share of full KV's bytes (`match_bytes`)."""
 
     model: str
     prompt: str
@@ -108,6 +109,7 @@ class CompareOptions(_Options):
     answer: str | None = None
     mode: str = "aware"
     question: str | None = None
+    match_bytes: bool = False
 
     def check(self) -> CompareOptions:
         """These options, or UserError for the first that cannot run on any model (the runner's own model-free
@@ -122,7 +124,7 @@ class CompareOptions(_Options):
     def request(self, runner):
         """The runner's checked request for these options (raises UserError before any forward pass)."""
         return runner.request(self.prompt, self.methods, self.budget, self.mode, self.question, self.window,
-                              self.max_new_tokens, self.answer)
+                              self.max_new_tokens, self.answer, self.match_bytes)
 
 
 def analysis_report(loaded, options: AnalyzeOptions, progress=None) -> dict:
