@@ -30,15 +30,20 @@ def test_settings_go_into_a_link_and_come_back():
     assert links.split_methods(values["methods"]) == (["full"], "zigzag[rho=0.5], uniform+kivi")
     bundled = links.compare_params(options, "passkey in varied prose", bundled=True, shown=False)
     assert bundled["prompt"] == "passkey in varied prose" and "run" not in bundled
+    assert "match" not in params and "saved" not in params and links.read_params(params).get("saved") is None
+    matched = links.compare_params(CompareOptions("tiny", "x", match_bytes=True), "type your own", bundled=False,
+                                   shown=True, saved="compare-tiny")
+    assert (matched["match"], matched["saved"]) == ("1", "compare-tiny")
+    assert links.read_params(matched)["match_bytes"] is True and links.read_params(matched)["saved"] == "compare-tiny"
 
 
 @pytest.mark.parametrize("params", [{"kept": "abc"}, {"kept": "nan"}, {"window": "-"}, {"prompt": "text-../../etc"},
-                                    {"prompt": "text-0000"}, {"methods": "zigzag[[", "tokens": "x"}])
+                                    {"prompt": "text-0000"}, {"methods": "zigzag[[", "tokens": "x", "match": "yes"}])
 def test_a_damaged_link_is_ignored_field_by_field(params):
     values = links.read_params(params)
     assert "kept_fraction" not in values and "window" not in values and "max_new_tokens" not in values
     assert links.split_methods(values.get("methods", "")) == ([], "")
-    assert not isinstance(values.get("prompt"), dict)
+    assert not isinstance(values.get("prompt"), dict) and "match_bytes" not in values
 
 
 def test_a_link_opened_in_a_new_session_shows_the_same_view():
@@ -68,3 +73,26 @@ def test_a_link_opened_in_a_new_session_shows_the_same_view():
     assert [r.method for r in shown.results] == [r.method for r in made.results] == ["full", "uniform", "zigzag[rho=0.5]"]
     assert [r.token_ids for r in shown.results] == [r.token_ids for r in made.results]
     assert shown.answer == "7731" and shown.budget == made.budget == 0.5
+
+
+def test_a_link_to_a_saved_comparison_reopens_it_and_a_missing_one_is_a_message(tiny, tmp_path, monkeypatch):
+    from zigzag_viz.evaluation.runner import Runner
+    from zigzag_viz.presentation import saved
+    from zigzag_viz.presentation.views import comparison_result
+
+    monkeypatch.setenv("ZIGZAG_VIZ_RUNS", str(tmp_path / "runs"))
+    options = CompareOptions("tiny", "a prompt of a few words " * 20, "full,zigzag", 0.4, 3, 8)
+    runner = Runner(tiny)
+    shown = comparison_result(tiny, runner.compare(options.request(runner)))
+    saved.save(shown, options, tmp_path / "runs" / "kept")
+    at = AppTest.from_file(COMPARE, default_timeout=120)
+    at.query_params.update({"saved": "kept", "run": "1"})
+    at.run()
+    assert not at.exception
+    assert [r.text for r in at.session_state["comparison"].comparison.results] == [r.text for r in shown.comparison.results]
+    assert at.text_area(key="prompt_type your own").value == options.prompt and at.slider(key="kept_fraction").value == 0.4
+    assert at.query_params.get("saved") in ("kept", ["kept"])  # the address still names it
+    missing = AppTest.from_file(COMPARE, default_timeout=120)
+    missing.query_params.update({"saved": "gone"})
+    missing.run()
+    assert not missing.exception and any("holds no saved comparison" in e.value for e in missing.error)
