@@ -55,6 +55,8 @@ if found is not None:
                "every layer the same. Whether that keeps the answer is an empirical question. "
                + (measured or "") + " The Uncertainty page's **Explain** shows, layer by layer, where the answer is "
                "kept or lost.")
+st.page_link("pages/2_Uncertainty.py", label="**Present the story**: five steps, large type, controls hidden "
+             "(also `?present=1` on any page)", query_params={"present": "1", "step": "uncertainty"})
 st.subheader("Start here")
 PAGES = [
     ("pages/1_Compare.py", "**Compare**: full KV against compressed caches, answers side by side, what each layer kept"),

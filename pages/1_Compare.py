@@ -23,6 +23,7 @@ MODES = {
 
 st.set_page_config(page_title="Compare · zigzag_viz", page_icon="⚖️", layout="wide")
 ui.page_style()
+presenting = ui.presenting(("answers", "why"))
 st.title("Full KV vs compressed KV")
 
 
@@ -93,7 +94,7 @@ with st.sidebar:
                                      key="max_new_tokens")
     stored_names = saved.saved_comparisons(ui.runs_root())
     if stored_names:
-        with st.expander(f"Saved comparisons ({len(stored_names)})"):
+        with st.expander(f"Saved comparisons ({len(stored_names)})", key="saved_panel"):
             picked_run = st.selectbox("Saved comparison", stored_names, key="saved_pick",
                                       help=f"Comparisons saved with Save below, newest first (under {ui.runs_root()})")
             st.button("Open", key="open_saved", on_click=lambda: st.session_state.update(reopen=picked_run))
@@ -183,6 +184,30 @@ if changed:
     st.warning(f"Stale: {', '.join(changed)} changed since these results were made. Press **Run** to update them.")
 st.markdown(f"**{result.verdict()}**")
 
+
+def kept_token_map() -> None:
+    """Which prompt tokens each layer kept, for the methods picked, with the known answer boxed."""
+    evicting = [r.method for r in result.results if r.kept_map.size and r.kept_map.min() < 1]
+    picked = st.multiselect("Methods on the map", [r.method for r in result.results], default=evicting[:4],
+                            key="kept_methods", help="Methods that keep every token show a uniform map")
+    edges, texts, binned = result.binned_kept_maps()
+    maps = {method: values for method, values in binned.items() if method in picked}
+    positions = result.answer_positions
+    if not maps:
+        st.info("Pick methods to draw which prompt tokens each layer kept.")
+        return
+    if positions:
+        survived = {r.method: float(r.kept_map[:, positions].mean()) for r in result.results if r.method in picked}
+        st.caption("Share of (layer, KV head) slots still holding the known answer's tokens: "
+                   + " · ".join(f"{m} {v:.0%}" for m, v in survived.items()))
+    ui.show_figure(charts.kept_map_figure(maps, edges, texts, bins_of(positions, edges), analysis.sliding_layers),
+                   "kept-token map")
+
+
+if presenting == "why":
+    kept_token_map()
+    st.stop()
+
 st.subheader("Answers side by side")
 per_row = min(4, max(len(result.results), 1))
 for start in range(0, len(result.results), per_row):
@@ -195,19 +220,26 @@ for start in range(0, len(result.results), per_row):
                         unsafe_allow_html=True)
             diverged = "same as full" if row.first_divergence is None else f"diverges at token {row.first_divergence}"
             score = "" if row.task_score is None else (" · answer ✔" if row.task_score else " · answer ✘")
-            st.caption(f"KV {row.kv_bytes / 2**20:.2f} MiB ({row.kv_fraction:.0%}) · ROUGE-L {row.rouge_l:.2f} · "
+            kept = f" at kept fraction {row.budget:.3g}" if abs(row.budget - result.budget) > 1e-9 and row.method != "full" else ""
+            st.caption(f"KV {row.kv_bytes / 2**20:.2f} MiB ({row.kv_fraction:.0%}){kept} · ROUGE-L {row.rouge_l:.2f} · "
                        f"KL {row.kl_mean:.3f} · {diverged}{score}")
+
+if presenting:
+    st.stop()
 
 st.subheader("Metrics")
 st.caption("Each measured against full KV on the same prefill; hover a column header for what it means.")
-ui.show_table(charts.metrics_table(result.results), "comparison", charts.METRIC_COLUMNS)
+ui.show_table(charts.metrics_table(result.results, charts.QUALITY_COLUMNS), "comparison", charts.METRIC_COLUMNS)
+st.caption("Seconds per stage")
+ui.show_table(charts.metrics_table(result.results, ("method", *charts.TIMING_COLUMNS)), "timings", charts.METRIC_COLUMNS)
 left, right = st.columns(2)
 left.download_button("Whole comparison as JSON (rows, curves, kept-token maps)", lambda: json.dumps(result.to_json()),
                      file_name="comparison.json", mime="application/json", key="json_comparison", on_click="ignore")
 right.download_button("Whole comparison as one HTML page (opens offline)", lambda: comparison_html(shown),
                       file_name="comparison.html", mime="text/html", key="html_comparison", on_click="ignore")
 
-with st.expander("Save this comparison into the run store (reopen it here, or see its rows on the Runs page)"):
+with st.expander("Save this comparison into the run store (reopen it here, or see its rows on the Runs page)",
+                 key="save_panel"):
     default_name = re.sub(r"[^\w.-]+", "-", f"compare-{Path(result.model).name}-{result.mode}-{result.budget:g}")
     run_name = st.text_input("Run name", value=default_name, key="save_run_name",
                              help=f"A folder under {ui.runs_root()} (letters, digits, '.', '-', '_')")
@@ -228,21 +260,7 @@ with curves_tab:
     ui.show_figure(charts.agreement_curves_figure(
         {r.method: (r.kl_curve, r.top1_curve) for r in result.results if r.method != "full"}), "agreement curves")
 with kept_tab:
-    evicting = [r.method for r in result.results if r.kept_map.size and r.kept_map.min() < 1]
-    picked = st.multiselect("Methods on the map", [r.method for r in result.results], default=evicting[:4],
-                            key="kept_methods", help="Methods that keep every token show a uniform map")
-    edges, texts, binned = result.binned_kept_maps()
-    maps = {method: values for method, values in binned.items() if method in picked}
-    positions = result.answer_positions
-    if maps:
-        if positions:
-            survived = {r.method: float(r.kept_map[:, positions].mean()) for r in result.results if r.method in picked}
-            st.caption("Share of (layer, KV head) slots still holding the known answer's tokens: "
-                       + " · ".join(f"{m} {v:.0%}" for m, v in survived.items()))
-        ui.show_figure(charts.kept_map_figure(maps, edges, texts, bins_of(positions, edges), analysis.sliding_layers),
-                       "kept-token map")
-    else:
-        st.info("Pick methods to draw which prompt tokens each layer kept.")
+    kept_token_map()
 with budgets_tab:
     ui.show_figure(charts.layer_budget_bars_figure(
         {r.method: r.layer_budgets for r in result.results if r.method != "full"}, analysis.layer_caps),

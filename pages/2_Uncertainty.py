@@ -9,11 +9,12 @@ from zigzag_viz.evaluation.prompts import example_prompt
 
 st.set_page_config(page_title="Uncertainty · zigzag_viz", page_icon="📈", layout="wide")
 ui.page_style()
+presenting = ui.presenting(("uncertainty",))
 st.title("Layer uncertainty")
-st.caption(
-    "How widely each layer's attention spreads (entropy, and LMBA: the smallest share of tokens holding τ of the "
-    "window's attention), how much each layer changes the hidden state, and which prompt text each layer looks at."
-)
+if not presenting:
+    st.caption("How widely each layer's attention spreads (entropy, and LMBA: the smallest share of tokens holding τ of "
+               "the window's attention), how much each layer changes the hidden state, and which prompt text each "
+               "layer looks at.")
 
 ui.restore_from_link("uncertainty")
 with st.sidebar:
@@ -70,6 +71,12 @@ with left:
 with right:
     ui.show_figure(charts.layer_curves_figure(lmba_heads, hidden, tau, lmbo=lmbo, threshold=threshold if lmbo is not None else None),
                    "layer curves")
+
+if presenting:
+    lmba = analysis.layer_signal("lmba", tau)
+    st.markdown(f"On {result.model}, for this {n}-token prompt, LMBA runs from **{lmba.min():.0%}** of the tokens "
+                f"(layer {int(lmba.argmin())}) to **{lmba.max():.0%}** (layer {int(lmba.argmax())}).")
+    st.stop()
 
 edges = capture.bin_edges(n, capture.MAX_BINS)
 texts = capture.bin_texts(result.token_texts, edges)

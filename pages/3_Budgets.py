@@ -4,17 +4,17 @@ import numpy as np
 import streamlit as st
 
 from zigzag_viz.pipeline import budgets, capture
-from zigzag_viz.presentation import charts, ui
+from zigzag_viz.presentation import benchmark_results, charts, ui
 from zigzag_viz.evaluation.prompts import example_prompt
 from zigzag_viz.presentation.views import AnalysisResult
 
 st.set_page_config(page_title="Budgets · zigzag_viz", page_icon="🎚️", layout="wide")
 ui.page_style()
+presenting = ui.presenting(("budgets",))
 st.title("Per-layer budgets")
-st.caption(
-    "Analyse a prompt once; every slider below only re-runs the budget rules (pure arithmetic on the recorded "
-    "signals), never the model."
-)
+if not presenting:
+    st.caption("Analyse a prompt once; every slider below only re-runs the budget rules (pure arithmetic on the "
+               "recorded signals), never the model.")
 
 ELEMENT_SIZES = {"float32 (4 B)": 4, "bfloat16 / float16 (2 B)": 2, "8-bit (1 B)": 1}
 
@@ -121,6 +121,11 @@ def budget_panel() -> None:
         return
     st.session_state["budgets_curves"] = {name: np.asarray(b).tolist() for name, b in curves.items()}
     bytes_table = charts.kv_bytes_table(curves, caps, result.num_kv_heads, result.head_dim, ELEMENT_SIZES[size])
+    if presenting:
+        ui.show_figure(charts.layer_budgets_figure(curves, signal, signal_name, caps, w), "budget per layer")
+        measured = benchmark_results.zigzag_against_uniform(benchmark_results.results_folder(), result.model)
+        st.markdown(f"Whether that keeps the answer is measured, not assumed. {measured or ''}")
+        return
     left, right = st.columns([3, 2])
     with left:
         ui.show_figure(charts.layer_budgets_figure(curves, signal, signal_name, caps, w), "budget per layer")
@@ -134,5 +139,6 @@ def budget_panel() -> None:
     ui.show_table(charts.layer_budgets_table(curves, signal, signal_name, caps), "budgets per layer")
 
 
-calibrated_panel(shown.model)  # outside the fragment: sliders never re-read it
+if not presenting:
+    calibrated_panel(shown.model)  # outside the fragment: sliders never re-read it
 budget_panel()

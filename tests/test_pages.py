@@ -259,7 +259,8 @@ def test_compare_page_widgets_context_mode_figures_and_exports(monkeypatch):
     table = at.dataframe[0].value
     assert table["method"].iloc[0] == "full" and set(table["method"]) == {"full", "zigzag", "adakv", "streaming"}
     assert at.session_state["comparison"].comparison.mode == "context"
-    assert list(table.columns) == list(charts.METRIC_COLUMNS)  # readable headers with units, each with hover help
+    assert list(table.columns) == list(charts.QUALITY_COLUMNS)  # readable headers with units, each with hover help
+    assert list(at.dataframe[1].value.columns) == ["method", *charts.TIMING_COLUMNS]  # seconds in a table of their own
     verdict = next(m.value for m in at.markdown if "kept fraction" not in m.value and m.value.startswith("**"))
     assert "20% kept" in verdict
     # KL/top-1 curves, kept-token map, tokens per layer, KV bytes, layer signals, budget curves

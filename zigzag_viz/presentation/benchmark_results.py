@@ -12,6 +12,8 @@ from typing import Callable
 
 import pandas as pd
 
+from .story import scores_sentence
+
 
 def results_folder() -> Path:
     """benchmarks/results beside the package (where `make bench` writes)."""
@@ -124,18 +126,8 @@ def quality_tables(folder: Path) -> dict[str, str]:
 
 
 def zigzag_against_uniform(folder: Path, model: str, at: float = 0.2) -> str | None:
-    """One sentence from the committed quality study of `model`: ZigZag's and uniform's mean score at kept
-    fraction `at` in each setting, against full KV's; None without a study."""
+    """One sentence from the committed quality study of `model` (`story.scores_sentence`); None without a study."""
     path = Path(folder) / f"quality_{model}.parquet"
     if not path.exists():
         return None
-    rows = pd.read_parquet(path, columns=["method", "mode", "budget", "score"])
-    chosen = rows[(rows["method"].isin(["zigzag", "uniform"]) & ((rows["budget"] - at).abs() < 1e-9))
-                  | (rows["method"] == "full")]
-    means = chosen.groupby(["mode", "method"])["score"].mean()
-    parts = []
-    for mode in sorted(chosen["mode"].unique()):
-        if {"zigzag", "uniform", "full"} <= set(means[mode].index):
-            parts.append(f"{mode} setting: ZigZag {means[mode]['zigzag']:.2f}, uniform {means[mode]['uniform']:.2f}, "
-                         f"full KV {means[mode]['full']:.2f}")
-    return (f"Measured on {model}, mean task score at {at:.0%} kept — " + "; ".join(parts) + ".") if parts else None
+    return scores_sentence(pd.read_parquet(path, columns=["method", "mode", "budget", "score"]), model, at)

@@ -4,7 +4,8 @@
 
 The bundled prompt (`example_prompt`) analysed on each embedded model, and compared with full KV under
 BUNDLED_METHODS at the pages' default settings in both modes; stored as gzipped `wire` JSON under
-zigzag_viz/bundled/ (no pickle), with the settings, versions and date they were made with.
+zigzag_viz/bundled/ (no pickle), with the settings, versions and date they were made with. The committed quality
+studies of benchmarks/results/ become runs under zigzag_viz/bundled/runs/ for the Runs page.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import re
+import shutil
 import sys
 import time
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 
 from ..errors import UserError
 from ..evaluation.prompts import EXAMPLES
@@ -23,6 +27,7 @@ from ..serving.api import CompareOptions
 from .views import AnalysisResult, ComparisonResult
 
 BUNDLED_MODELS = ("smollm2", "gemma3")
+RUNS = "runs"  # the committed quality studies as runs the Runs page lists: runs/quality-<model>/
 BUNDLED_SOURCE = next(iter(EXAMPLES))  # the pages' default prompt
 BUNDLED_METHODS = "full,zigzag,pyramid,uniform,adakv,kivi,less"
 BUNDLED_MODES = ("aware", "context")
@@ -80,6 +85,33 @@ def bundled_comparison(model: str, mode: str, methods: str | None = None
         bundled_options(model, mode, ",".join(wanted))
 
 
+def bundled_runs_folder() -> Path:
+    """The folder of bundled runs (inside the installed package)."""
+    return Path(str(resources.files("zigzag_viz").joinpath(FOLDER, RUNS)))
+
+
+def bundle_study(study: Path, model: str, folder: Path) -> Path:
+    """A committed quality study (`benchmarks/results/quality_<model>.parquet`) as a complete run at `folder`:
+    its rows in one shard, its grid read from the rows into the manifest's settings."""
+    import pandas as pd
+
+    from ..evaluation.store import RunStore
+
+    rows = pd.read_parquet(study)
+    settings = {"model": model, "study": Path(study).name, "rows": len(rows),
+                **{f"{column}s": sorted(rows[column].unique().tolist()) for column in ("task", "length", "depth", "budget",
+                                                                                         "method", "mode")}}
+    store = RunStore.open(folder, settings)
+    for shard in store.shards():
+        shard.unlink()
+    shutil.copyfile(study, store.folder / "shard-study.parquet")  # the study's Parquet file is already one shard
+    report = Path(study).with_suffix(".md")  # "Status running, 432 of 864 rows" for a study stopped part way
+    found = re.search(r"Status (\w+), (\d+) of (\d+) rows", report.read_text()) if report.exists() else None
+    total = int(found.group(3)) if found else len(rows)
+    store.update(status="complete" if len(rows) >= total else "stopped", rows_done=len(rows), rows_total=total)
+    return folder
+
+
 def regenerate(folder, models=BUNDLED_MODELS, progress=print) -> list[str]:
     """Make every bundled result from the real models into `folder`; the names of the files written."""
     from importlib.metadata import version
@@ -90,7 +122,12 @@ def regenerate(folder, models=BUNDLED_MODELS, progress=print) -> list[str]:
     from .views import analysis_result, comparison_result
 
     written = []
+    studies = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
     for model in models:
+        study = studies / f"quality_{model}.parquet"
+        if study.exists():
+            written.append(str(bundle_study(study, model, folder / RUNS / f"quality-{model}")))
+            progress(f"bundled the study {study.name} as a run")
         loaded = load_model(model)
         made = {"model": model, "device": str(loaded.device), "date": time.strftime("%Y-%m-%d"),
                 "torch": version("torch"), "transformers": version("transformers"), **SETTINGS,
@@ -112,8 +149,6 @@ def regenerate(folder, models=BUNDLED_MODELS, progress=print) -> list[str]:
 
 
 if __name__ == "__main__":
-    from pathlib import Path
-
     target = Path(__file__).resolve().parents[1] / FOLDER
     target.mkdir(exist_ok=True)
     regenerate(target, sys.argv[1:] or BUNDLED_MODELS)

@@ -54,11 +54,18 @@ def method_colour(spec: str) -> str:
     return _shade(colour, _VARIANT_SHADES[sum(map(ord, spec)) % len(_VARIANT_SHADES)])
 
 
+LEGEND_ON_TOP = 5  # more legend entries than this go below the plot, where they cannot cover the title
+
+
 def _layout(fig: go.Figure, title: str, height: int = 380) -> go.Figure:
-    fig.update_layout(
-        title=title, height=height, template="plotly_white", margin=dict(l=60, r=20, t=60, b=50),
-        legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),
-    )
+    entries = len({trace.name for trace in fig.data if trace.name and trace.showlegend is not False})
+    if entries <= LEGEND_ON_TOP:
+        legend, margin = dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1), 50
+    else:
+        legend, margin = dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0), 50 + 22 * (entries // 4 + 1)
+        height += margin - 50
+    fig.update_layout(title=title, height=height, template="plotly_white", margin=dict(l=60, r=20, t=60, b=margin),
+                      legend=legend)
     return fig
 
 
@@ -518,7 +525,7 @@ def accuracy_curves_figure(table: pd.DataFrame, title: str) -> go.Figure:
         part = table if run is None else table[table["run"] == run]
         for method, group in part.groupby("method", sort=False):
             group = group.sort_values("budget")
-            name = method if run is None else f"{method} · {run}"
+            name = method if len(runs) == 1 else f"{method} · {run}"
             fig.add_trace(go.Scatter(
                 x=group["budget"], y=group["score"], mode="lines+markers", name=name,
                 line=dict(color=method_colour(method), dash="solid" if run_index == 0 else "dash"),
@@ -604,9 +611,14 @@ METRIC_COLUMNS: dict[str, tuple[str, str | None]] = {
 }
 
 
-def metrics_table(results: Sequence) -> pd.DataFrame:
-    """One row per method result (full KV first, then by mean KL) with the columns of METRIC_COLUMNS; shares
-    in [0, 1], KL below NOISE_FLOOR as 0."""
+TIMING_COLUMNS = ("prefill s", "analysis s", "compress s", "ms/token")
+QUALITY_COLUMNS = tuple(c for c in METRIC_COLUMNS if c not in TIMING_COLUMNS)
+
+
+def metrics_table(results: Sequence, columns: Sequence[str] = tuple(METRIC_COLUMNS)) -> pd.DataFrame:
+    """One row per method result (full KV first, then by mean KL) with `columns` of METRIC_COLUMNS (all by
+    default; QUALITY_COLUMNS or method + TIMING_COLUMNS for tables that fit a page); shares in [0, 1], KL below
+    NOISE_FLOOR as 0."""
     def answer(score):
         return "–" if score is None else "✔" if score else "✘"
 
@@ -626,7 +638,7 @@ def metrics_table(results: Sequence) -> pd.DataFrame:
         "compress s": r.compress_s,
         "ms/token": r.ms_per_token,
     } for r in sorted(results, key=lambda r: (r.method != "full", r.kl_mean))]
-    return pd.DataFrame(rows, columns=list(METRIC_COLUMNS)).astype({"diverges at": "Int64"})
+    return pd.DataFrame(rows, columns=list(METRIC_COLUMNS)).astype({"diverges at": "Int64"})[list(columns)]
 
 
 def capture_overhead_figure(rows: pd.DataFrame, title: str) -> go.Figure:

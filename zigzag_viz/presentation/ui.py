@@ -19,7 +19,7 @@ from ..evaluation.store import RunStore
 from ..methods import METHODS, CompressionMethod, Parameter, parse_specs
 from ..pipeline.models import EMBEDDED_MODELS, LoadedModel, load_model
 from ..serving.api import TOKEN_ENV, CompareOptions
-from . import bundled, links
+from . import bundled, links, story
 from .backends import Backend, InProcess, Remote, remote
 from .views import AnalysisResult, ComparisonResult
 
@@ -77,6 +77,11 @@ def shared(widget: Callable[..., T], *args, key: str, **kwargs) -> T:
     value set on any page."""
     _remembered(key, SHARED_DEFAULTS[key])
     return widget(*args, key=key, on_change=_remember, args=(key,), **kwargs)
+
+
+def shared_value(key: str):
+    """The shared setting `key` as last set on any page (its default before)."""
+    return st.session_state.get(f"_{key}", SHARED_DEFAULTS[key])
 
 
 def backend_picker() -> Backend | None:
@@ -418,9 +423,55 @@ def restore_shared(values: dict) -> None:
 
 
 def share_in_link(params: dict[str, str] | None = None) -> None:
-    """Write the shared settings (and a page's own `params`) into the URL, so that the address reproduces the view."""
+    """Write the shared settings (and a page's own `params`) into the URL, so that the address reproduces the view
+    (the presentation step included)."""
     shared_values = {key: st.session_state.get(f"_{key}") for key in SHARED_DEFAULTS}
-    st.query_params.from_dict({**links.shared_params(shared_values), **(params or {})})
+    step = {"present": "1", "step": st.session_state["_present_step"]} if st.session_state.get("_present") else {}
+    st.query_params.from_dict({**links.shared_params(shared_values), **(params or {}), **step})
+
+
+# Presentation mode: large type, controls hidden, Back / Next through the story's steps.
+
+PRESENT_STYLE = """<style>
+[data-testid="stAppViewContainer"] {font-size: 1.3rem;}
+[data-testid="stMainBlockContainer"] {padding-top: 1.5rem;}
+[data-testid="stAppViewContainer"] p, [data-testid="stAppViewContainer"] li {font-size: 1.3rem;}
+[data-testid="stSidebar"], [data-testid="stSidebarCollapsedControl"], [data-testid="stExpandSidebarButton"],
+[data-testid="stHeader"], h1 {display: none !important;}
+[data-testid="stElementContainer"]:has([data-testid="stTextArea"], [data-testid="stTextInput"],
+  [data-testid="stNumberInput"], [data-testid="stSlider"], [data-testid="stSelectbox"], [data-testid="stMultiSelect"],
+  [data-testid="stRadio"], [data-testid="stCheckbox"], [data-testid="stButton"], [data-testid="stDownloadButton"],
+  [data-testid="stAlert"]), [data-testid="stExpander"], [data-testid="stElementToolbar"] {display: none !important;}
+.zz-step {font-size: 1rem; letter-spacing: 0.08em; text-transform: uppercase; opacity: 0.7;}
+.zz-step-title {font-size: 2.6rem; font-weight: 700; line-height: 1.15; margin: 0.2rem 0 0.6rem;}
+</style>"""
+
+
+def presenting(page_steps: tuple[str, ...]) -> str | None:
+    """The story step this page shows in presentation mode (`?present=1`, kept for the session until
+    `?present=0`), after drawing the large-type style, the step's title and sentence and the Back / Next links;
+    None outside presentation mode. `page_steps`: the keys of story.STORY this page can show."""
+    present = st.query_params.get("present")
+    if present in ("0", "1"):
+        st.session_state["_present"] = present == "1"
+    if not st.session_state.get("_present"):
+        return None
+    index = story.step_index(st.query_params.get("step"), page_steps)
+    step = story.STORY[index]
+    st.session_state["_present_step"] = step.key
+    st.markdown(PRESENT_STYLE, unsafe_allow_html=True)
+    st.markdown(f"<div class='zz-step'>Step {index + 1} of {len(story.STORY)}</div>"
+                f"<div class='zz-step-title'>{step.title}</div>", unsafe_allow_html=True)
+    st.markdown(step.says)
+    back, forward, leave = st.columns([1, 1, 2])
+    if index > 0:
+        before = story.STORY[index - 1]
+        back.page_link(before.page, label="← Back", help=before.title, query_params={"present": "1", "step": before.key})
+    if index + 1 < len(story.STORY):
+        after = story.STORY[index + 1]
+        forward.page_link(after.page, label="Next →", help=after.title, query_params={"present": "1", "step": after.key})
+    leave.page_link(step.page, label="Leave presentation mode", query_params={"present": "0"})
+    return step.key
 
 
 # Bundled results (every page opens populated).
