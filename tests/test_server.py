@@ -142,6 +142,7 @@ def test_bad_input_gives_422_with_one_line(client, path, changes, message):
     ({"max_new_tokens": 513}, "max_new_tokens must be at most 512 on this server, got 513"),
     ({"mode": "sideways"}, "mode must be one of aware, context"),
     ({"budget": 0.01}, "below the always-kept window"),
+    ({"match_bytes": "yes"}, "match_bytes must be true or false"),
 ])
 def test_bad_comparisons_give_422_before_any_job(client, changes, message):
     assert message in one_line_error(client.post("/compare", headers=AUTH, json={**COMPARE, **changes}), 422)
@@ -181,6 +182,13 @@ def test_a_compare_job_gives_the_rows_of_a_local_run_and_the_whole_export(client
     assert export["model"] == "tiny" and export["answer"] == PROMPT.answer and export["budget"] == 0.4
     assert [r["method"] for r in export["results"]] == ["full", "zigzag", "uniform"]
     assert export["results"] == rows and set(export["kept_map"]["methods"]) == {"full", "zigzag", "uniform"}
+
+
+def test_a_compare_job_at_equal_bytes_gives_the_rows_of_a_local_run(client, tiny):
+    body = {**COMPARE, "methods": "full,uniform,think", "match_bytes": True}
+    rows = wait_for(client, submit(client, **body))["result"]["rows"]
+    assert [r["method"] for r in rows] == ["full", "uniform", "uniform+think"]
+    same_rows(rows, local_rows(tiny, body))
 
 
 def test_two_clients_at_once_get_the_rows_of_two_serial_runs(app, tiny):
