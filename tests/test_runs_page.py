@@ -70,7 +70,7 @@ def test_the_runs_page_lists_runs_and_draws_a_run_and_a_comparison(runs_root, mo
     at = AppTest.from_file(str(ROOT / "pages" / "4_Runs.py"), default_timeout=120)
     at.run()
     assert not at.exception and not at.error, [e.value for e in at.error]
-    assert at.selectbox(key="run_name").options == ["first", "second"]
+    assert at.selectbox(key="run_name").options == ["first", "second", "quality-gemma3", "quality-smollm2"]  # then bundled
     assert len(at.get("plotly_chart")) == 3  # score, KL, depth × length
     at.selectbox(key="run_other").set_value("second").run()
     assert not at.exception
@@ -85,6 +85,8 @@ def test_the_runs_page_without_runs_says_how_to_make_one(tmp_path, monkeypatch):
     at = AppTest.from_file(str(ROOT / "pages" / "4_Runs.py"), default_timeout=60)
     at.run()
     assert not at.exception and "zigzag-viz sweep" in at.info[0].value
+    assert at.selectbox(key="run_name").options == ["quality-gemma3", "quality-smollm2"]  # the bundled studies open
+    assert len(at.get("plotly_chart")) == 3 and "quality-smollm2" in at.dataframe[0].value["run"].tolist()
 
 
 def test_a_comparison_from_the_compare_page_is_saved_into_the_store_and_opens_on_the_runs_page(tmp_path, monkeypatch):
@@ -110,7 +112,7 @@ def test_a_comparison_from_the_compare_page_is_saved_into_the_store_and_opens_on
 
     runs = AppTest.from_file(str(ROOT / "pages" / "4_Runs.py"), default_timeout=60)
     runs.run()
-    assert not runs.exception and runs.selectbox(key="run_name").options == ["my-comparison"]
+    assert not runs.exception and runs.selectbox(key="run_name").options[0] == "my-comparison"
 
 
 def test_the_benchmarks_page_draws_the_committed_results_with_their_machines():
