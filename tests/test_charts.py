@@ -173,3 +173,12 @@ def test_a_comparison_as_one_html_page_holds_everything_and_plotly_once(tiny):
     assert not re.search(r"<script[^>]*\ssrc=", page) and not re.search(r"<link[^>]*href=", page)
     for piece in (shown.comparison.verdict(), "zigzag", "uniform", "KL nats", "Answers side by side"):
         assert piece.replace("“", "").replace("”", "")[:20] in page.replace("“", "").replace("”", "")
+
+
+def test_the_progress_line_says_the_time_elapsed_and_estimates_what_is_left():
+    from zigzag_viz.presentation.views import progress_text
+
+    assert progress_text("prefill", 0.05, 3.2) == "prefill · 3 s elapsed"  # too early to estimate
+    assert progress_text("zigzag at 0.2: compress and decode", 0.25, 10.0) == \
+        "zigzag at 0.2: compress and decode · 10 s elapsed · about 30 s left"
+    assert progress_text("done", 1.0, 40.0) == "done · 40 s elapsed"

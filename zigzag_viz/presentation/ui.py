@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -21,7 +22,7 @@ from ..pipeline.models import EMBEDDED_MODELS, LoadedModel, load_model
 from ..serving.api import TOKEN_ENV, CompareOptions
 from . import bundled, links, story
 from .backends import Backend, InProcess, Remote, remote
-from .views import AnalysisResult, ComparisonResult
+from .views import AnalysisResult, ComparisonResult, progress_text
 
 T = TypeVar("T")
 
@@ -297,12 +298,18 @@ def run_comparison(backend: Backend, options: CompareOptions) -> ComparisonResul
     landed = st.empty()
     rows: list[str] = []
 
+    started = time.monotonic()
+
     def on_row(method: str, text: str) -> None:
         rows.append(f"{method} “{text[:40]}”")
         landed.caption("Ready: " + " · ".join(rows))
 
+    def progress(fraction: float, message: str) -> None:
+        fraction = min(max(fraction, 0.0), 1.0)
+        bar.progress(fraction, text=progress_text(message, fraction, time.monotonic() - started))
+
     try:
-        return backend.comparison(options, _shown_on(bar), on_row)
+        return backend.comparison(options, progress, on_row)
     finally:
         bar.empty()
         landed.empty()

@@ -110,3 +110,12 @@ def changed_settings(made_with, now) -> list[str]:
     if made_with is None:
         return []
     return [name for field, name in SETTING_NAMES.items() if getattr(made_with, field, None) != getattr(now, field, None)]
+
+
+def progress_text(message: str, fraction: float, elapsed_s: float) -> str:
+    """A progress line: the message, seconds elapsed and, once a tenth is done, an estimate of the seconds left
+    (elapsed scaled by what remains, assuming the rest goes at the same pace)."""
+    text = f"{message} · {elapsed_s:.0f} s elapsed"
+    if 0.1 <= fraction < 1.0:
+        text += f" · about {elapsed_s * (1 - fraction) / fraction:.0f} s left"
+    return text
