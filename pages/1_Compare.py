@@ -258,7 +258,8 @@ curves_tab, kept_tab, budgets_tab, bytes_tab, why_tab = st.tabs(
 )
 with curves_tab:
     ui.show_figure(charts.agreement_curves_figure(
-        {r.method: (r.kl_curve, r.top1_curve) for r in result.results if r.method != "full"}), "agreement curves")
+        {r.method: (r.kl_curve, r.top1_curve) for r in result.results if r.method != "full"},
+        shown.answer_tokens.get("full")), "agreement curves")
 with kept_tab:
     kept_token_map()
 with budgets_tab:

@@ -121,6 +121,9 @@ def test_comparison_figures_use_method_colours_and_mark_the_answer():
     running = curves.data[1].y
     assert list(running) == pytest.approx([1.0, 1.0, 2 / 3])
     assert curves.data[0].line.color == charts.method_colour("zigzag")
+    labelled = charts.agreement_curves_figure({"zigzag": ([0.0, 0.5, 1.0], [1.0, 1.0, 0.0])}, [" The", "\n", "<b>"])
+    axis = labelled.layout.xaxis2
+    assert list(axis.tickvals) == [0, 1, 2] and list(axis.ticktext) == ["·The", "⏎", "&lt;b&gt;"]  # the tokens, as text
     bars = charts.layer_budget_bars_figure({"uniform": [3, 3], "zigzag[rho=0.5]": [5, 1]}, caps=[8, 8])
     assert [t.marker.color for t in bars.data[:2]] == [charts.method_colour("uniform"), charts.method_colour("zigzag[rho=0.5]")]
 

@@ -134,9 +134,16 @@ def _bin_labels(edges: np.ndarray, texts: Sequence[str]) -> tuple[list[str], lis
     return ranges, [t.replace("<", "‹").replace(">", "›") for t in texts]
 
 
-def agreement_curves_figure(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]]) -> go.Figure:
+def token_label(text: str, width: int = 10) -> str:
+    """A token's text as an axis label: whitespace made visible (·, ⏎), cut to `width`, HTML escaped."""
+    return html.escape(text.replace("\n", "⏎").replace(" ", "·")[:width]) or "∅"
+
+
+def agreement_curves_figure(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+                            tokens: Sequence[str] | None = None) -> go.Figure:
     """Per generated step, teacher-forced along the full-KV answer: KL(full ‖ method) in nats (top) and the
-    running share of steps whose top-1 token matches full KV (bottom). curves: method → (kl (T,), top1 (T,))."""
+    running share of steps whose top-1 token matches full KV (bottom). curves: method → (kl (T,), top1 (T,));
+    tokens: full KV's generated token texts (T,), written under their steps on the x axis."""
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1,
                         subplot_titles=("KL(full ‖ method) per step (nats)", "Top-1 agreement with full KV, running mean"))
     for name, (kl, top1) in curves.items():
@@ -154,6 +161,10 @@ def agreement_curves_figure(curves: Mapping[str, tuple[Sequence[float], Sequence
     fig.update_yaxes(title_text="nats", rangemode="tozero", row=1, col=1)
     fig.update_yaxes(title_text="agreement", range=[-0.02, 1.05], tickformat=".0%", row=2, col=1)
     fig.update_xaxes(title_text="generated token", tickformat="d", row=2, col=1)
+    if tokens:
+        labels = [token_label(text) for text in tokens]
+        fig.update_xaxes(tickmode="array", tickvals=list(range(len(labels))), ticktext=labels, tickangle=-45,
+                         title_text="full KV's answer, token by token", row=2, col=1)
     _layout(fig, "Where each answer leaves full KV", height=520)
     fig.update_layout(margin=dict(t=100), legend=dict(y=1.08))
     return fig

@@ -31,7 +31,8 @@ th {background: #f5f5f5; text-align: left}
 def _figures(shown: ComparisonResult) -> list:
     result = shown.comparison
     rows = [r for r in result.results if r.method != "full"]
-    figures = [charts.agreement_curves_figure({r.method: (r.kl_curve, r.top1_curve) for r in rows})]
+    figures = [charts.agreement_curves_figure({r.method: (r.kl_curve, r.top1_curve) for r in rows},
+                                              shown.answer_tokens.get("full"))]
     evicting = [r.method for r in result.results if r.kept_map.size and r.kept_map.min() < 1][:4]
     if evicting:
         edges, texts, binned = result.binned_kept_maps()
