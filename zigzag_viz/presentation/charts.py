@@ -57,14 +57,16 @@ def method_colour(spec: str) -> str:
 LEGEND_ON_TOP = 5  # more legend entries than this go below the plot, where they cannot cover the title
 
 
-def _layout(fig: go.Figure, title: str, height: int = 380) -> go.Figure:
+def _layout(fig: go.Figure, title: str, height: int = 380, top: int = 60, legend_y: float = 1.02) -> go.Figure:
+    """Title, height and white template; the legend above the plot at `legend_y` (raised with `top`, the top
+    margin in px, over subplot titles), or below it when it has more than LEGEND_ON_TOP entries."""
     entries = len({trace.name for trace in fig.data if trace.name and trace.showlegend is not False})
     if entries <= LEGEND_ON_TOP:
-        legend, margin = dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1), 50
+        legend, bottom = dict(orientation="h", yanchor="bottom", y=legend_y, xanchor="right", x=1), 50
     else:
-        legend, margin = dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0), 50 + 22 * (entries // 4 + 1)
-        height += margin - 50
-    fig.update_layout(title=title, height=height, template="plotly_white", margin=dict(l=60, r=20, t=60, b=margin),
+        legend, bottom = dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0), 50 + 22 * (entries // 4 + 1)
+        height, top = height + bottom - 50, 60
+    fig.update_layout(title=title, height=height, template="plotly_white", margin=dict(l=60, r=20, t=top, b=bottom),
                       legend=legend)
     return fig
 
@@ -165,8 +167,7 @@ def agreement_curves_figure(curves: Mapping[str, tuple[Sequence[float], Sequence
         labels = [token_label(text) for text in tokens]
         fig.update_xaxes(tickmode="array", tickvals=list(range(len(labels))), ticktext=labels, tickangle=-45,
                          title_text="full KV's answer, token by token", row=2, col=1)
-    _layout(fig, "Where each answer leaves full KV", height=520)
-    fig.update_layout(margin=dict(t=100), legend=dict(y=1.08))
+    _layout(fig, "Where each answer leaves full KV", height=520, top=100, legend_y=1.08)
     return fig
 
 
@@ -328,8 +329,7 @@ def layer_curves_figure(
     fig.update_yaxes(title_text="share of tokens", rangemode="tozero", row=1, col=1)
     fig.update_yaxes(title_text="1 − cos", rangemode="tozero", row=2, col=1)
     fig.update_xaxes(title_text="layer", tickformat="d", dtick=1 if len(layers) <= 16 else None, row=2, col=1)
-    _layout(fig, "Layer uncertainty", height=_heatmap_height(len(layers)))
-    fig.update_layout(margin=dict(t=110), legend=dict(y=1.08))
+    _layout(fig, "Layer uncertainty", height=_heatmap_height(len(layers)), top=110, legend_y=1.08)
     return fig
 
 
@@ -465,8 +465,7 @@ def layer_budgets_figure(curves: Mapping[str, Sequence[int]], signal: np.ndarray
     fig.update_yaxes(title_text="u_l", rangemode="tozero", row=1, col=1)
     fig.update_yaxes(title_text="tokens kept", rangemode="tozero", row=2, col=1)
     fig.update_xaxes(title_text="layer", tickformat="d", dtick=1 if len(layers) <= 16 else None, row=2, col=1)
-    _layout(fig, "Budget per layer", height=560)
-    fig.update_layout(margin=dict(t=100), legend=dict(y=1.06))
+    _layout(fig, "Budget per layer", height=560, top=100, legend_y=1.06)
     return fig
 
 
@@ -593,8 +592,8 @@ def answer_retention_figure(table: pd.DataFrame, title: str) -> go.Figure:
     fig.update_yaxes(title_text="answer kept", range=[0, 1.05], tickformat=".0%", row=1, col=1)
     fig.update_yaxes(title_text="tokens", rangemode="tozero", row=2, col=1)
     fig.update_xaxes(title_text="layer", tickformat="d", row=2, col=1)
-    _layout(fig, title, height=560)
-    fig.update_layout(barmode="group", margin=dict(t=100), legend=dict(y=1.08))
+    _layout(fig, title, height=560, top=100, legend_y=1.08)
+    fig.update_layout(barmode="group")
     return fig
 
 
