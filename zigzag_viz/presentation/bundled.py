@@ -124,9 +124,8 @@ def regenerate(folder, models=BUNDLED_MODELS, progress=print) -> list[str]:
     written = []
     studies = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
     for model in models:
-        study = studies / f"quality_{model}.parquet"
-        if study.exists():
-            written.append(str(bundle_study(study, model, folder / RUNS / f"quality-{model}")))
+        for study in sorted(studies.glob(f"quality_{model}*.parquet")):  # quality_smollm2.parquet, quality_smollm2_grid…
+            written.append(str(bundle_study(study, model, folder / RUNS / study.stem.replace("_", "-"))))
             progress(f"bundled the study {study.name} as a run")
         loaded = load_model(model)
         made = {"model": model, "device": str(loaded.device), "date": time.strftime("%Y-%m-%d"),
