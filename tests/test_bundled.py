@@ -40,6 +40,21 @@ def test_every_bundled_result_reads_back_for_every_model(model):
     assert bundled.bundled_analysis(model, "another prompt", 32) is None
 
 
+def test_a_committed_study_becomes_a_run_with_its_status_and_every_row(tmp_path):
+    import pandas as pd
+
+    from zigzag_viz.evaluation.store import RunStore, summary
+
+    study = ROOT / "benchmarks" / "results" / "quality_gemma3.parquet"
+    folder = bundled.bundle_study(study, "gemma3", tmp_path / "quality-gemma3")
+    store = RunStore(folder)
+    manifest = store.manifest()
+    rows = pd.read_parquet(study)
+    assert manifest["status"] == "stopped" and manifest["rows_done"] == len(rows) < manifest["rows_total"]  # as its report says
+    assert store.frame().shape == rows.shape and set(summary(store)["method"]) == set(rows["method"])
+    assert {p.name for p in bundled.bundled_runs_folder().iterdir()} >= {"quality-smollm2", "quality-gemma3"}
+
+
 def test_a_subset_of_the_bundled_methods_is_served_in_its_order():
     made, shown, options = bundled.bundled_comparison("smollm2", "aware", "full,uniform,zigzag")
     assert [r.method for r in shown.comparison.results] == ["full", "uniform", "zigzag"]
