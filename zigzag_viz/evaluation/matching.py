@@ -91,12 +91,11 @@ def match_method(method: CompressionMethod, target: float, low: float,
     if method.lossless:
         return Matched(method, 1.0, 1.0, "full KV holds every byte")
     candidate = equal_memory_candidate(method)
-    if candidate is not method:
-        alone = share(method, 1.0)
-        if alone <= target + TOLERANCE:
-            note = None if alone >= target - TOLERANCE else \
-                f"holds {alone:.0%} of the bytes whatever the kept fraction: less than {target:.0%}"
-            return Matched(method, 1.0, alone, note)
+    alone = None if candidate is method else share(method, 1.0)
+    if alone is not None and alone <= target + TOLERANCE:
+        note = None if alone >= target - TOLERANCE else \
+            f"holds {alone:.0%} of the bytes whatever the kept fraction: less than {target:.0%}"
+        return Matched(method, 1.0, alone, note)
 
     def measured(budget: float) -> float:
         try:
@@ -106,8 +105,9 @@ def match_method(method: CompressionMethod, target: float, low: float,
 
     try:
         budget, reached = solve_budget(measured, target, low)
-    except InputError as exc:  # the method cannot follow token eviction (MiniCache): it runs alone
-        alone = share(method, 1.0)
-        return Matched(method, 1.0, alone, f"holds {alone:.0%} of the bytes: {exc}")
+    except InputError as exc:
+        if alone is None:
+            raise
+        return Matched(method, 1.0, alone, f"holds {alone:.0%} of the bytes: {exc}")  # cannot follow eviction (MiniCache)
     note = None if abs(reached - target) <= TOLERANCE else f"holds {reached:.0%} of the bytes at its nearest"
     return Matched(candidate, budget, reached, note)
