@@ -77,14 +77,15 @@ def test_budgets_page_on_smollm2(browser, app_url, screenshot):
     bars = page.locator("[data-testid=stPlotlyChart] text.bartext")
     assert "20%" in bars.all_text_contents()  # KV bytes of each method as a share of full, at the default 0.2
     thumb = page.get_by_role("slider", name="Kept fraction")
-    thumb.focus()
-    for _ in range(10):
+    _idle(page)
+    for percent in range(21, 31):  # one step at a time, each redrawn before the next (keys pressed mid-redraw are dropped)
+        thumb.focus()
         thumb.press("ArrowRight")
+        page.wait_for_function(
+            f"() => [...document.querySelectorAll('[data-testid=stPlotlyChart] text.bartext')].some(t => t.textContent === '{percent}%')",
+            timeout=60_000,
+        )
     assert thumb.input_value() == "0.3"
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('[data-testid=stPlotlyChart] text.bartext')].some(t => t.textContent === '30%')",
-        timeout=60_000,
-    )
     _idle(page)
     _wait_for_plots(page, 2, 60_000)
     assert "Traceback" not in page.content()
