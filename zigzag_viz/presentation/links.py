@@ -4,10 +4,10 @@
     values = read_params(params)                                                    # → widget values
 
 Shared settings travel as model, kept, window, mode and tau; the Compare page adds its methods (spec strings),
-max new tokens, match=1 when every method is brought to equal bytes, the prompt (a bundled example by name, or `text-<hash>` of a prompt stored once under the cache
-folder with its question and answer), run=1 when the link should show results, and saved=NAME when they are a
-comparison saved in the run store (opened from there, not computed). Anything unreadable in a
-link is left out, never an error: the page then starts from its defaults for it.
+max new tokens, match=1 when every method is brought to equal bytes, the prompt (a bundled example by name, or
+`text-<hash>` of a prompt stored once under the cache folder with its question and answer), run=1 when the link
+should show results, and saved=NAME when they are a comparison saved in the run store (opened from there, not
+computed). Anything unreadable in a link is left out, never an error: the page then starts from its defaults.
 """
 
 from __future__ import annotations

@@ -245,9 +245,16 @@ def page_style() -> None:
 # Runs shared by the pages: analyses (Uncertainty, Budgets) and comparisons (Compare), on either backend.
 
 
-def _shown_on(bar):
-    """A progress callback drawing on the Streamlit progress `bar` (fractions clipped to [0, 1])."""
-    return lambda fraction, message: bar.progress(min(max(fraction, 0.0), 1.0), text=message)
+def _shown_on(bar, since: float | None = None):
+    """A progress callback drawing on the Streamlit progress `bar` (fractions clipped to [0, 1]); with `since` (a
+    time.monotonic() reading) the text adds the seconds elapsed and an estimate of those left."""
+
+    def show(fraction: float, message: str) -> None:
+        fraction = min(max(fraction, 0.0), 1.0)
+        bar.progress(fraction, text=message if since is None else
+                     progress_text(message, fraction, time.monotonic() - since))
+
+    return show
 
 
 @st.cache_data(max_entries=12, show_spinner=False)
@@ -298,18 +305,12 @@ def run_comparison(backend: Backend, options: CompareOptions) -> ComparisonResul
     landed = st.empty()
     rows: list[str] = []
 
-    started = time.monotonic()
-
     def on_row(method: str, text: str) -> None:
         rows.append(f"{method} “{text[:40]}”")
         landed.caption("Ready: " + " · ".join(rows))
 
-    def progress(fraction: float, message: str) -> None:
-        fraction = min(max(fraction, 0.0), 1.0)
-        bar.progress(fraction, text=progress_text(message, fraction, time.monotonic() - started))
-
     try:
-        return backend.comparison(options, progress, on_row)
+        return backend.comparison(options, _shown_on(bar, time.monotonic()), on_row)
     finally:
         bar.empty()
         landed.empty()

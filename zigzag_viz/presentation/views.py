@@ -109,7 +109,7 @@ def changed_settings(made_with, now) -> list[str]:
     (dataclasses with the fields of SETTING_NAMES); none when there is no result."""
     if made_with is None:
         return []
-    return [name for field, name in SETTING_NAMES.items() if getattr(made_with, field, None) != getattr(now, field, None)]
+    return [name for field, name in SETTING_NAMES.items() if getattr(made_with, field) != getattr(now, field)]
 
 
 def progress_text(message: str, fraction: float, elapsed_s: float) -> str:
